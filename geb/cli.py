@@ -1,0 +1,56 @@
+"""The one CLI: `geb <subcommand>`. Each subcommand lives in geb/commands/<name>.py with two functions,
+`configure(parser)` and `run(args)`, imported only when that subcommand runs (so `geb --help` is fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name → (module, one-line help). Add a subcommand by adding a module and one line here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("geb.commands.info", "print a model config's parameter count and bytes per format"),
+    "tokenizer": ("geb.commands.tokenizer", "train or evaluate the bilingual byte-level BPE tokenizer"),
+    "tokenize": ("geb.commands.tokenize", "pack text files into token shards for pretraining"),
+    "pretrain": ("geb.commands.pretrain", "pretrain a model on packed token shards (resumable)"),
+    "generate": ("geb.commands.generate", "generate text from a prompt with a model folder"),
+    "chat": ("geb.commands.chat", "multi-turn chat in the terminal, streaming"),
+    "quickstart": ("geb.commands.quickstart", "run the whole recipe on a built-in bilingual corpus"),
+}
+
+
+def build_parser(load_all: bool = False, only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geb", description="Build and run lightweight bilingual language models.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if load_all or name == only:
+            importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from geb.errors import GebError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=name if name in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        rc = module.run(args)
+    except GebError as e:
+        print(f"geb {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"geb {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Argument helpers shared by several subcommands (threads, device, sampling)."""
+
+from __future__ import annotations
+
+import os
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share a core's bandwidth and FPUs, so they rarely help)."""
+    try:
+        cores = set()
+        phys = None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    cores.add((phys, line.split(":")[1].strip()))
+        if cores:
+            return min(len(cores), len(os.sched_getaffinity(0)))
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def add_threads(p) -> None:
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+
+
+def apply_threads(args) -> int:
+    import torch
+
+    n = args.threads or physical_cores()
+    torch.set_num_threads(n)
+    return n
+
+
+def add_sampling(p) -> None:
+    from geb.infer.sampling import SamplingParams
+
+    d = SamplingParams()
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_from_args(args):
+    from geb.infer.sampling import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        seed=args.seed, stop=list(args.stop),
+    )

@@ -1,0 +1,1 @@
+"""Data: packed token shards (tokens.py) and the cleaning/filtering/dedup pipeline."""

@@ -1,0 +1,134 @@
+"""Packed token shards: the memory-mapped format that `geb pretrain` reads and the data pipeline writes.
+
+A token folder holds raw little-endian arrays (`<split>_<NNNNN>.bin`, uint16 when the vocabulary fits,
+else uint32) and a `meta.json` listing every finished shard with its token count and SHA-256. A shard
+is written to a temporary name and renamed, and meta.json last, so an interrupted writer never
+leaves a shard that looks finished. Documents are separated by the tokenizer's end-of-document id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from geb.errors import GebError
+
+FORMAT = "geb-tokens-v1"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class TokenWriter:
+    """Append documents (lists of ids) to shards of one split; call close() to publish meta.json."""
+
+    def __init__(self, folder: str | Path, vocab_size: int, eos_id: int, shard_tokens: int = 1 << 26,
+                 extra_meta: dict | None = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.uint16 if vocab_size <= 65536 else np.uint32
+        self.vocab_size, self.eos_id, self.shard_tokens = vocab_size, eos_id, shard_tokens
+        self.extra_meta = extra_meta or {}
+        self.shards: dict[str, list[dict]] = {}
+        self.docs: dict[str, int] = {}
+        self._buf: dict[str, list[np.ndarray]] = {}
+        self._buf_len: dict[str, int] = {}
+
+    def add(self, ids, split: str = "train") -> None:
+        arr = np.asarray(list(ids) + [self.eos_id], dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise GebError(f"token id out of range [0, {self.vocab_size}) in a document for split '{split}'")
+        self._buf.setdefault(split, []).append(arr.astype(self.dtype))
+        self._buf_len[split] = self._buf_len.get(split, 0) + arr.size
+        self.docs[split] = self.docs.get(split, 0) + 1
+        if self._buf_len[split] >= self.shard_tokens:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        if not self._buf.get(split):
+            return
+        data = np.concatenate(self._buf[split])
+        self._buf[split], self._buf_len[split] = [], 0
+        n = len(self.shards.setdefault(split, []))
+        name = f"{split}_{n:05d}.bin"
+        tmp = self.folder / f".{name}.tmp"
+        data.tofile(tmp)
+        os.replace(tmp, self.folder / name)
+        self.shards[split].append({"file": name, "tokens": int(data.size),
+                                   "sha256": hashlib.sha256(data.tobytes()).hexdigest()})
+
+    def close(self) -> dict:
+        for split in list(self._buf):
+            self._flush(split)
+        if not self.shards:
+            raise GebError(f"{self.folder}: no documents were written (empty training data)")
+        meta = {"format": FORMAT, "dtype": np.dtype(self.dtype).name, "vocab_size": self.vocab_size,
+                "eos_id": self.eos_id, "shards": self.shards, "documents": self.docs, **self.extra_meta}
+        meta["data_hash"] = hashlib.sha256(
+            "".join(s["sha256"] for sp in sorted(self.shards) for s in self.shards[sp]).encode()).hexdigest()[:16]
+        atomic_write_text(self.folder / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        return meta
+
+
+class TokenData:
+    """Read-only view of a token folder: one memory-mapped array per split (shards concatenated lazily)."""
+
+    def __init__(self, folder: str | Path, verify: bool = False):
+        self.folder = Path(folder)
+        mf = self.folder / "meta.json"
+        if not mf.is_file():
+            raise GebError(f"{self.folder}: not a token folder (meta.json missing; run `geb data run` or `geb tokenize`)")
+        try:
+            self.meta = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise GebError(f"{mf}: not valid JSON ({e})") from None
+        if self.meta.get("format") != FORMAT:
+            raise GebError(f"{mf}: unknown format {self.meta.get('format')!r} (expected {FORMAT})")
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.eos_id = int(self.meta["eos_id"])
+        self.data_hash = self.meta.get("data_hash", "")
+        self._arrays: dict[str, list[np.memmap]] = {}
+        for split, shards in self.meta["shards"].items():
+            arrs = []
+            for s in shards:
+                f = self.folder / s["file"]
+                if not f.is_file():
+                    raise GebError(f"{f}: shard listed in meta.json is missing")
+                size = f.stat().st_size
+                if size != s["tokens"] * self.dtype.itemsize:
+                    raise GebError(f"{f}: size {size} bytes does not match {s['tokens']} tokens in meta.json (truncated?)")
+                arr = np.memmap(f, dtype=self.dtype, mode="r")
+                if verify and hashlib.sha256(arr.tobytes()).hexdigest() != s["sha256"]:
+                    raise GebError(f"{f}: checksum mismatch")
+                arrs.append(arr)
+            self._arrays[split] = arrs
+
+    def splits(self) -> list[str]:
+        return list(self._arrays)
+
+    def num_tokens(self, split: str = "train") -> int:
+        return sum(a.size for a in self._arrays.get(split, []))
+
+    def array(self, split: str = "train") -> np.ndarray:
+        """The split as one array (a memmap when it has a single shard)."""
+        arrs = self._arrays.get(split)
+        if not arrs:
+            raise GebError(f"{self.folder}: split '{split}' has no tokens")
+        return arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
+
+    def documents(self, split: str = "train"):
+        """Yield each document's ids (without the separator): for checking a packing round-trip."""
+        arr = np.asarray(self.array(split))
+        ends = np.flatnonzero(arr == self.eos_id)
+        start = 0
+        for e in ends:
+            yield arr[start:e].astype(np.int64).tolist()
+            start = e + 1

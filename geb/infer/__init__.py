@@ -1,0 +1,1 @@
+"""Inference: sampling, the KV-cached generation Engine, quantized weights."""
