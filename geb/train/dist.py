@@ -124,6 +124,8 @@ class _DDP(torch.nn.parallel.DistributedDataParallel):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "module":  # not registered yet (inside DDP's own __init__)
+                raise
             return getattr(self.module, name)
 
 
