@@ -123,6 +123,8 @@ def test_two_processes_match_one_and_checkpoints_reshard(tmp_path, tokens_dir):
     # reference: one process, 3 steps, then continued to 6
     single(tmp_path / "ref", 3)
     shutil.copytree(tmp_path / "ref", tmp_path / "ref3")
+    # as if a save crashed between its two renames: the folder is gone, its staged successor complete
+    os.replace(tmp_path / "ref", tmp_path / ".ref.stage")
     single(tmp_path / "ref", 6, resume=True)
     ref_loss, ref_val = _curve(tmp_path / "ref")
     assert len(ref_loss) == 6 and len(ref_val) == 2

@@ -259,9 +259,13 @@ def recover_folder(folder: str | Path) -> None:
     folder = Path(folder)
     stage = folder.with_name(f".{folder.name}.stage")
     if not (folder / META).exists() and (stage / META).exists() and (stage / DCP_DIR / ".metadata").exists():
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(stage, folder)
+        try:  # every rank may get here at once: the first rename wins, the others find it done
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(stage, folder)
+        except OSError:
+            if not (folder / META).exists():
+                raise
 
 
 def has_sharded_state(folder: str | Path) -> bool:

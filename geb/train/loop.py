@@ -237,9 +237,7 @@ def train(model, task: Task, c: TrainConfig, out_dir: str | Path, tokenizer, met
     stab = Stability(c, res.stability)
     step, cursor, tokens_seen, records = 0, 0, 0, []
     if resume:
-        if env.main:
-            dist.recover_folder(out_dir)
-        dist.barrier(env)
+        dist.recover_folder(out_dir)
         st = load_train_state(out_dir)
         if dist.has_sharded_state(out_dir):
             dist.load_training_state(out_dir, module, opt)
