@@ -22,6 +22,12 @@ def configure(p) -> None:
     r.add_argument("--config", default=None, help="JSON file of settings overrides ({\"rules\": {...}, \"read\": {...}})")
     r.add_argument("--restart", action="store_true", help="discard an earlier run in OUT and start over")
     r.add_argument("--verbose", action="store_true", help="show datatrove's logs (default: OUT/work/logs/datatrove.log)")
+    r.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="slurm: submit every stage as dependent sbatch array jobs, then re-run with --executor local "
+                        "to publish OUT/text, pack and report")
+    r.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="SlurmPipelineExecutor argument, e.g. --slurm partition=cpu --slurm time=04:00:00 "
+                        "--slurm venv_path=.venv/bin/activate (repeatable)")
 
     k = sub.add_parser("pack", help="cleaned text folder → geb token shards (train/validation)")
     k.add_argument("--text", required=True, help="a cleaned-text folder (OUT/text of `geb data run`)")
@@ -92,6 +98,23 @@ def run(args) -> int:
         return 0
     if cmd == "fit-lm":
         return _fit_lm(args)
+    if cmd == "run" and args.executor == "slurm":
+        from geb.data.pipeline import submit_slurm
+        from geb.data.settings import _parse_value
+
+        kw = {}
+        for item in args.slurm:
+            if "=" not in item:
+                raise GebError(f"--slurm {item!r}: expected KEY=VALUE")
+            key, val = item.split("=", 1)
+            kw[key] = _parse_value(val)
+        if args.tokenizer:
+            print("note: packing runs in the final local step (geb data run ... --executor local --tokenizer TOK)")
+        execs = submit_slurm(args.input, args.output, overrides=_overrides(args), restart=args.restart,
+                             tasks=args.tasks, **kw)
+        print(f"submitted {len(execs)} stage(s) to Slurm (last job id {execs[-1].job_id}); when they finish, run "
+              "the same command with --executor local to publish the text, pack and write the report")
+        return 0
     if cmd == "run":
         from geb.data.pipeline import run_pipeline
 

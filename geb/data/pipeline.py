@@ -248,58 +248,106 @@ def iter_docs(text_dir: str | Path):
                 yield d["id"], d["text"]
 
 
-def run_pipeline(input_dir: str | Path, output_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                 workers: int = 1, overrides: dict | None = None, restart: bool = False, quiet: bool = True,
-                 progress=None, tasks: int | None = None) -> dict:
-    """Clean, filter and deduplicate every file under input_dir; publish out/text/; pack when given a tokenizer.
+@dataclass
+class Run:
+    root: Path
+    layout: Layout
+    settings: dict
+    files: list[str]
+    tasks: int
+    fingerprint: str
+    stages: list[Stage]
 
-    Returns the report dict (also written as report.json/report.md/report.png in output_dir). Running
-    it again with the same inputs and settings resumes (finished tasks are skipped); with different
-    ones it refuses unless restart=True, which starts over.
-    """
+
+def prepare_run(input_dir: str | Path, output_dir: str | Path, overrides: dict | None = None,
+                restart: bool = False, tasks: int | None = None, workers: int = 1) -> Run:
+    """Resolve settings, list inputs, check or start the run record in out/work/run.json, build stages."""
     from geb.data.readers import list_inputs
-    from geb.data.report import build_report
 
     root = Path(input_dir)
     if not root.is_dir():
         raise GebError(f"{root}: input folder not found")
     settings = S.resolve(overrides)
     L = Layout(output_dir)
-    files = [str(p.relative_to(root)) for p in list_inputs(root)]
     if L.out.resolve() == root.resolve() or root.resolve() in L.out.resolve().parents:
         raise GebError(f"{L.out}: the output folder must not be inside the input folder {root}")
+    files = [str(p.relative_to(root)) for p in list_inputs(root)]
     fingerprint = input_fingerprint(root, files)
     tasks = max(1, min(len(files), tasks or max(4, workers)))
     run_id = {"input": str(root.resolve()), "input_hash": fingerprint, "settings": settings, "tasks": tasks}
     run_file = L.work / "run.json"
-    if run_file.is_file():
-        old = json.loads(run_file.read_text())
-        if old != run_id:
-            if not restart:
-                raise GebError(f"{L.out} holds a run with other inputs or settings; use --restart (restart=True) "
-                               "to start over, or another output folder")
-            restart = True
+    if run_file.is_file() and json.loads(run_file.read_text()) != run_id:
+        if not restart:
+            raise GebError(f"{L.out} holds a run with other inputs or settings; use --restart (restart=True) "
+                           "to start over, or another output folder")
     if restart:
         for p in (L.work, L.text, L.tokens):
             shutil.rmtree(p, ignore_errors=True)
     L.work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_file, run_id)
-
     stages = build_stages(root, L.out, settings, files, tasks) if files else []
+    return Run(root, L, settings, files, tasks, fingerprint, stages)
+
+
+def run_pipeline(input_dir: str | Path, output_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                 workers: int = 1, overrides: dict | None = None, restart: bool = False, quiet: bool = True,
+                 progress=None, tasks: int | None = None) -> dict:
+    """Clean, filter and deduplicate every file under input_dir; publish out/text/; pack when given a tokenizer.
+
+    Returns the report dict (also written as report.json/report.md/report.png in output_dir). Running
+    it again with the same inputs and settings resumes (finished tasks are skipped; after a Slurm run,
+    everything is finished and this only publishes and reports); with different inputs or settings it
+    refuses unless restart=True, which starts over.
+    """
+    from geb.data.report import build_report
+
+    run = prepare_run(input_dir, output_dir, overrides, restart, tasks, workers)
+    L, settings = run.layout, run.settings
     t0 = time.perf_counter()
-    times = run_stages(stages, L.logs, workers=workers, quiet=quiet, progress=progress) if stages else {}
-    last = Path(next(st.output for st in reversed(stages) if st.output)) if stages else L.work / "empty"
-    text_meta = _publish_text(last, L, {"parent": str(root.resolve()), "input_hash": fingerprint})
+    times = run_stages(run.stages, L.logs, workers=workers, quiet=quiet, progress=progress) if run.stages else {}
+    last = Path(next(st.output for st in reversed(run.stages) if st.output)) if run.stages else L.work / "empty"
+    text_meta = _publish_text(last, L, {"parent": str(run.root.resolve()), "input_hash": run.fingerprint})
     elapsed = time.perf_counter() - t0
-    config = {"stage": "data", "parent": str(root.resolve()), "input_hash": fingerprint, "files": len(files),
-              "settings": settings, "workers": workers, "text_hash": text_meta["data_hash"]}
+    config = {"stage": "data", "parent": str(run.root.resolve()), "input_hash": run.fingerprint,
+              "files": len(run.files), "settings": settings, "tasks": run.tasks, "workers": workers,
+              "text_hash": text_meta["data_hash"]}
     packed = None
     if tokenizer_dir is not None and text_meta["documents"] > 0:
         packed = pack_text(L.text, tokenizer_dir, L.tokens, val_fraction=float(settings["val_fraction"]),
                            seed=int(settings["seed"]))
         config["tokens_hash"] = packed["data_hash"]
     write_json_atomic(L.out / "config.json", config)
-    return build_report(L, settings, files, stages, times, elapsed, text_meta, packed)
+    return build_report(L, settings, run.files, run.stages, times, elapsed, text_meta, packed)
+
+
+def slurm_executors(run: Run, **slurm_kwargs) -> list:
+    """The run's stages as chained datatrove SlurmPipelineExecutors (each depends on the one before).
+
+    slurm_kwargs go to every executor (time, partition, cpus_per_task, mem_per_cpu_gb, venv_path, ...);
+    the logging folders are the local ones, so a later local `run_pipeline` with the same arguments sees
+    every task finished and only publishes out/text, packs and reports.
+    """
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    kw = {"time": "12:00:00", "partition": "cpu", **slurm_kwargs}
+    execs, prev = [], None
+    for st in run.stages:
+        ex = SlurmPipelineExecutor(st.pipeline, tasks=st.tasks, logging_dir=str(run.layout.logs / st.name),
+                                   job_name=f"geb-data-{st.name}", depends=prev, **kw)
+        execs.append(ex)
+        prev = ex
+    return execs
+
+
+def submit_slurm(input_dir: str | Path, output_dir: str | Path, overrides: dict | None = None,
+                 restart: bool = False, tasks: int | None = None, **slurm_kwargs) -> list:
+    """Submit every stage to Slurm (sbatch) as dependent array jobs; returns the executors."""
+    run = prepare_run(input_dir, output_dir, overrides, restart, tasks)
+    if not run.stages:
+        raise GebError(f"{input_dir}: no input files")
+    execs = slurm_executors(run, **slurm_kwargs)
+    execs[-1].run()  # launches its dependencies first
+    return execs
 
 
 def _val_score(doc_id: str, seed: int) -> float:

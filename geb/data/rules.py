@@ -270,17 +270,19 @@ class TraditionalToSimplifiedRule(Rule):
         return doc
 
 
-EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# Boundaries are ASCII-only: in Python's Unicode regexes CJK characters are \w, and Chinese text puts
+# numbers and addresses right after them (我的手机是13812345678).
+EMAIL_RE = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![A-Za-z0-9-])")
 # Chinese resident ID (18 digits with a valid-looking birth date, last may be X), then US SSN.
 ID_RE = re.compile(r"(?<![0-9A-Za-z])(?:[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"
                    r"|\d{3}-\d{2}-\d{4})(?![0-9A-Za-z])")
 PHONE_RE = re.compile(
-    r"(?<![\w+])(?:"
+    r"(?<![0-9A-Za-z+])(?:"
     r"(?:\+?86[- ]?)?1[3-9]\d(?:[- ]?\d{4}){2}"           # Chinese mobile, 11 digits, optional +86
     r"|0\d{2,3}-\d{7,8}"                                   # Chinese landline with area code
     r"|(?:\+1[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}"      # North American with separators
     r"|\+\d{1,3}(?:[ .-]\d{2,4}){2,4}"                     # international with + and separators
-    r")(?![\w])")
+    r")(?![0-9A-Za-z])")
 URL_RE = re.compile(r"\b(?:https?://|ftp://|www\.)[^\s<>\"'`，。！？、；）」』]+[^\s<>\"'`，。！？、；）」』.,;:!?)\]]")
 
 
