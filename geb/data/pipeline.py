@@ -72,7 +72,8 @@ def _writer(folder: Path):
 def _reader(folder: Path):
     from datatrove.pipeline.readers.jsonl import JsonlReader
 
-    return JsonlReader(str(folder), glob_pattern="*.jsonl.gz", recursive=False)
+    # add_file_path=False: the intermediate file's absolute path must not leak into the published text
+    return JsonlReader(str(folder), glob_pattern="*.jsonl.gz", recursive=False, add_file_path=False)
 
 
 def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, files: list[str],
