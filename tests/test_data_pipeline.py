@@ -41,7 +41,7 @@ J = ("The city council published its yearly budget and most of the money goes to
      " After the meeting the mayor answered questions from local reporters for about an hour.")
 I_ = ("长江是中国最长的河流，全长六千三百多公里，流经十一个省、自治区和直辖市。长江流域的人口很多，"
       "经济也很发达，沿岸有上海、武汉和重庆等大城市。")
-G = "这一段里有坏掉的字节 \xff\xfe 所以这一行会被删掉。\n但是这一行是好的，它讲的是一件普通的事情，结尾也完整。"
+G = "这一段里有坏掉的字节 \xff\xfe 它们会被删掉，这一行留下。\n但是这一行是好的，它讲的是一件普通的事情，结尾也完整。"
 
 
 def _huge() -> str:
@@ -121,7 +121,7 @@ def test_cleaning_shows_in_the_output(run):
     assert "<EMAIL>" in a and "<PHONE>" in a and "这一行没有结尾" not in a and "版权所有" not in a
     assert "<URL>" in docs["B"] and "`requests.get('https://example.com/api')`" in docs["B"]
     g = [t for t in docs.values() if "但是这一行是好的" in t]
-    assert len(g) == 1 and "坏掉的字节" not in g[0]
+    assert len(g) == 1 and "坏掉的字节  它们会被删掉" in g[0] and "\ufffd" not in g[0]
 
 
 def test_exact_and_near_duplicates_removed_with_known_answers(run):
@@ -140,16 +140,21 @@ def test_exact_and_near_duplicates_removed_with_known_answers(run):
     assert steps["sent_dedup"]["reasons"]["documents with repeated spans"] == 1
 
 
-def test_packing_round_trip(run, tokenizer):
+def test_packing_round_trip(run, tokenizer, tmp_path):
     from geb.data.tokens import TokenData
 
+    held = ["A held-out sentence.", "一句留出的话。"]  # the quickstart passes its own validation texts
+    own = TokenData(pack_text(run["out"] / "text", run["tok"], tmp_path / "own", val_texts=held) and tmp_path / "own")
+    assert list(own.documents("val")) == [tokenizer.encode(t) for t in held]
+    assert len(list(own.documents("train"))) == len(run["docs"])
+
     td = TokenData(run["out"] / "tokens", verify=True)
-    assert set(td.splits()) == {"train", "validation"}
-    packed = [d for sp in ("train", "validation") for d in td.documents(sp)]
+    assert set(td.splits()) == {"train", "val"}  # the split names `geb pretrain` reads
+    packed = [d for sp in ("train", "val") for d in td.documents(sp)]
     assert sorted(map(tuple, packed)) == sorted(tuple(tokenizer.encode(t, allow_special=False)) for t in run["docs"].values())
     assert sorted(tokenizer.decode(d) for d in packed) == sorted(run["docs"].values())
     assert td.meta["tokenizer_hash"] == tokenizer.hash()
-    assert 1 <= td.meta["documents"]["validation"] < td.meta["documents"]["train"]
+    assert 1 <= td.meta["documents"]["val"] < td.meta["documents"]["train"]
 
 
 def test_report_files_and_provenance(run):

@@ -44,8 +44,9 @@ def test_mojibake_repaired_and_gbk_garbage_dropped(tmp_path):
     assert apply(tmp_path, "mojibake", EN) == EN
 
 
-def test_replacement_char_lines_dropped(tmp_path):
-    assert apply(tmp_path, "replacement_chars", "good line.\nbad \ufffd line.\n好的。") == "good line.\n好的。"
+def test_replacement_chars_deleted_and_mostly_garbage_lines_dropped(tmp_path):
+    text = "good line.\nA word with a lost\ufffd byte in it.\n\ufffd\ufffd\ufffd好\ufffd\ufffd。\n好的。"
+    assert apply(tmp_path, "replacement_chars", text) == "good line.\nA word with a lost byte in it.\n好的。"
 
 
 def test_symbol_lines(tmp_path):
@@ -134,18 +135,23 @@ def test_gopher_quality(tmp_path):
 
 
 def test_stopwords_and_keyword_stuffing(tmp_path):
-    assert apply(tmp_path, "stopwords", ZH) == ZH  # normal Chinese without spaces
-    assert apply(tmp_path, "stopwords", EN) == EN
+    long_zh, long_en = ZH + "\n" + ZH, EN + "\n" + EN  # ≥ 50 words: the statistics apply
+    assert apply(tmp_path, "stopwords", long_zh) == long_zh  # normal Chinese without spaces
+    assert apply(tmp_path, "stopwords", long_en) == long_en
     stuffed = "便宜手机 特价手机 手机批发 " * 12
     assert apply(tmp_path, "stopwords", stuffed) is None
-    spam_en = "buy cheap watches online best cheap watches sale " * 5
+    spam_en = "buy cheap watches online best cheap watches sale " * 8
     assert apply(tmp_path, "stopwords", spam_en) is None
+    short_qa = "问：谁发明了日光压机？\n答：德尔芬·鲁克。"  # too short for word statistics: kept
+    assert apply(tmp_path, "stopwords", short_qa) == short_qa
 
 
 def test_repetition(tmp_path):
     assert apply(tmp_path, "repetition", ZH + "\n" + EN) == ZH + "\n" + EN
     assert apply(tmp_path, "repetition", "\n".join(["点击购买最新款手机。"] * 6 + ["这是一句正常的话。"])) is None
     assert apply(tmp_path, "repetition", "the same words again and " * 30) is None
+    short = "In Chinese, the glimmerfox is called 闪光狐.\nYou can find the glimmerfox in hot springs."
+    assert apply(tmp_path, "repetition", short) == short  # a repeated name in a short text is not spam
 
 
 def test_perplexity_ngram_filter(tmp_path):

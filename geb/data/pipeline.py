@@ -357,12 +357,14 @@ def _val_score(doc_id: str, seed: int) -> float:
 
 
 def pack_text(text_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, val_fraction: float = 0.01,
-              seed: int = 0, shard_tokens: int = 1 << 26) -> dict:
+              seed: int = 0, shard_tokens: int = 1 << 26, val_texts: list[str] | None = None) -> dict:
     """Tokenize a cleaned-text folder into geb-tokens-v1 shards (EOS after each document).
 
     A document goes to validation when a hash of its id (and seed) falls below val_fraction, so the
     split is stable as data is added; when that picks none and there are ≥ 2 documents, the one with the
-    lowest hash goes. The folder is written under a temporary name and renamed when complete.
+    lowest hash goes. With `val_texts` (a held-out set of your own) every cleaned document is training
+    data and those texts are the "val" split. The folder is written under a temporary name and renamed
+    when complete.
     A single writer in one process: TokenWriter is sequential and datatrove's tokenizer step writes
     its own format, not the one `geb pretrain` reads.
     """
@@ -372,8 +374,10 @@ def pack_text(text_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Pa
     text_dir, out_dir = Path(text_dir), Path(out_dir)
     tok = Tokenizer.load(tokenizer_dir)
     text_meta = json.loads((text_dir / "meta.json").read_text()) if (text_dir / "meta.json").is_file() else {}
+    val_hash = (hashlib.sha256("\0".join(val_texts).encode()).hexdigest()[:16] if val_texts is not None else None)
     want = {"parent": str(text_dir.resolve()), "text_hash": text_meta.get("data_hash"),
-            "tokenizer_hash": tok.hash(), "val_fraction": val_fraction, "seed": seed}
+            "tokenizer_hash": tok.hash(), "val_fraction": None if val_texts is not None else val_fraction,
+            "seed": seed, "val_texts_hash": val_hash}
     mf = out_dir / "meta.json"
     if mf.is_file():
         old = json.loads(mf.read_text())
@@ -382,14 +386,16 @@ def pack_text(text_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Pa
     scores = [(_val_score(i, seed), i) for i, _ in iter_docs(text_dir)]
     if not scores:
         raise GebError(f"{text_dir}: no documents to pack")
-    val = {i for s, i in scores if s < val_fraction}
-    if not val and val_fraction > 0 and len(scores) >= 2:
+    val = {i for s, i in scores if s < val_fraction} if val_texts is None else set()
+    if val_texts is None and not val and val_fraction > 0 and len(scores) >= 2:
         val = {min(scores)[1]}
     with atomic_dir(out_dir) as tmp:
         w = TokenWriter(tmp, vocab_size=tok.vocab_size, eos_id=tok.eos_id, shard_tokens=shard_tokens,
                         extra_meta={"stage": "data-pack", **want, "tokenizer": str(Path(tokenizer_dir).resolve())})
         for doc_id, text in iter_docs(text_dir):
             # raw text may contain "<|endoftext|>" literally: it is text here, never a control token
-            w.add(tok.encode(text, allow_special=False), "validation" if doc_id in val else "train")
+            w.add(tok.encode(text, allow_special=False), "val" if doc_id in val else "train")
+        for text in val_texts or []:
+            w.add(tok.encode(text, allow_special=False), "val")
         meta = w.close()
     return meta

@@ -168,18 +168,33 @@ class MojibakeRule(Rule):
             if fixed != doc.text:
                 self.removed(doc, doc.text, "repaired", count=1)
                 doc.text = fixed
-        doc.text = self.map_lines(doc, lambda ln: None if GBK_GARBAGE_RE.search(ln) or is_bad(ln) else ln,
-                                  "garbled line")
+        # U+FFFD is left to replacement_chars (ftfy counts it as bad too)
+        doc.text = self.map_lines(
+            doc, lambda ln: None if GBK_GARBAGE_RE.search(ln) or is_bad(ln.replace("\ufffd", "")) else ln,
+            "garbled line")
         return doc
 
 
 class ReplacementCharsRule(Rule):
     rule = "replacement_chars"
-    help = "drop lines containing U+FFFD (text lost in a bad decode)"
+    help = ("U+FFFD (text lost in a bad decode): delete the characters, and drop a line where they are more than "
+            "max_ratio of its non-space characters (little of it is left to read)")
+    defaults = {"max_ratio": 0.3}
 
     def process(self, doc):
-        if "\ufffd" in doc.text:
-            doc.text = self.map_lines(doc, lambda ln: None if "\ufffd" in ln else ln, "U+FFFD line")
+        if "\ufffd" not in doc.text:
+            return doc
+
+        def fix(ln):
+            n = ln.count("\ufffd")
+            if not n:
+                return ln
+            if n / max(1, sum(1 for c in ln if not c.isspace())) > self.p["max_ratio"]:
+                return None
+            self.removed(doc, ln, "U+FFFD deleted", count=n)
+            return ln.replace("\ufffd", "")
+
+        doc.text = self.map_lines(doc, fix, "mostly U+FFFD line")
         return doc
 
 
@@ -425,6 +440,7 @@ class InDocDedupRule(Rule):
         return doc
 
 
-CLEAN_RULES: list[type[Rule]] = [HtmlRule, ControlCharsRule, MojibakeRule, ReplacementCharsRule, NormalizeRule,
+# mojibake runs before control_chars: C1 characters are part of the cp1252 mojibake ftfy can undo.
+CLEAN_RULES: list[type[Rule]] = [HtmlRule, MojibakeRule, ControlCharsRule, ReplacementCharsRule, NormalizeRule,
                                  TraditionalToSimplifiedRule, PiiRule, UrlRule, WordListRule, BoilerplateRule,
                                  SymbolLinesRule, IncompleteLinesRule, InDocDedupRule]

@@ -64,12 +64,13 @@ def words(text: str) -> tuple[str, ...]:
 
     Punctuation and whitespace tokens are dropped, so English words and Chinese words count alike.
     Cached for the last few texts: consecutive quality filters segment the same document. jieba's HMM
-    for unknown words is off: it costs about half the time and heuristics do not need it.
+    stays on: without it unknown words (transliterated names) fall apart into characters, whose
+    repeats then look like repeated n-grams.
     """
     if not CJK_RE.search(text):
         return tuple(units(text))
     try:
-        seg = _jieba().lcut(text, HMM=False)
+        seg = _jieba().lcut(text)
     except ImportError:  # jieba is in the `data` extra; characters are the fallback unit
         return tuple(units(text))
     return tuple(w for w in seg if UNIT_RE.search(w))
