@@ -103,6 +103,8 @@ class StopwordFilter(DocFilter):
     defaults = {"min_words": 50, "min_count": 2, "min_density": 0.02, "max_keyword_ratio": 0.2}
 
     def check(self, doc):
+        if len(units(doc.text)) < self.p["min_words"]:  # units ≥ words: skips jieba for short documents
+            return None
         ws = [w.lower() for w in words(doc.text)]
         if len(ws) < self.p["min_words"]:
             return None
@@ -150,6 +152,8 @@ class RepetitionFilter(DocFilter):
         f, fc = _dup_fraction(lines)
         if f > p["dup_line_frac"] or fc > p["dup_line_char_frac"]:
             return "duplicate lines"
+        if len(units(text)) < p["min_words"]:  # units ≥ words: skips jieba for short documents
+            return None
         ws = words(text)
         total = sum(len(w) for w in ws)
         if not total or len(ws) < p["min_words"]:

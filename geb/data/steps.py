@@ -92,8 +92,8 @@ class MeteredStep(PipelineStep):
     stage = "clean"
 
     def __init__(self, name: str, stats_dir: str | Path, max_examples: int = 5):
+        self.name = name  # before PipelineStep.__init__, which names the step's datatrove stats after it
         super().__init__()
-        self.name = name
         self.stats_dir = str(stats_dir)
         self.max_examples = max_examples
         self.acc: Acc | None = None
@@ -140,8 +140,9 @@ class Meter(PipelineStep):
     type = "🧹 - GEB"
 
     def __init__(self, name: str, side: str, stats_dir: str | Path, stage: str = "dedup"):
+        self.name = f"{name} ({side})"
         super().__init__()
-        self.name, self.side, self.stats_dir, self.stage = name, side, str(stats_dir), stage
+        self.rule, self.side, self.stats_dir, self.stage = name, side, str(stats_dir), stage
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         docs = chars = 0
@@ -149,5 +150,5 @@ class Meter(PipelineStep):
             docs += 1
             chars += len(doc.text)
             yield doc
-        write_json_atomic(Path(self.stats_dir) / self.name / f"{rank:05d}.{self.side}.json",
-                          {"step": self.name, "stage": self.stage, "docs": docs, "chars": chars})
+        write_json_atomic(Path(self.stats_dir) / self.rule / f"{rank:05d}.{self.side}.json",
+                          {"step": self.rule, "stage": self.stage, "docs": docs, "chars": chars})
