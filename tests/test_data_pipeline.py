@@ -210,8 +210,8 @@ def _lines_hash(folder: Path) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for f in sorted(folder.glob("*.jsonl.gz")):
-        with gzip.open(f, "rb") as g:
+    for f in sorted(folder.glob("*.jsonl")):
+        with open(f, "rb") as g:
             for line in g:
                 h.update(line)
     return h.hexdigest()[:16]

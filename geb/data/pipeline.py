@@ -63,17 +63,21 @@ class Layout:
         self.tokens = self.out / "tokens"
 
 
-def _writer(folder: Path):
+def _writer(folder: Path, compress: bool = False):
     from datatrove.pipeline.writers.jsonl import JsonlWriter
 
-    return JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz", compression="gzip")
+    # intermediate shards are read once more and deleted with work/: gzip would cost more than it saves
+    if compress:
+        return JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz", compression="gzip")
+    return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None)
 
 
 def _reader(folder: Path):
     from datatrove.pipeline.readers.jsonl import JsonlReader
 
     # add_file_path=False: the intermediate file's absolute path must not leak into the published text
-    return JsonlReader(str(folder), glob_pattern="*.jsonl.gz", recursive=False, add_file_path=False)
+    return JsonlReader(str(folder), glob_pattern="*.jsonl", recursive=False, add_file_path=False,
+                       compression=None)
 
 
 def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, files: list[str],
@@ -125,7 +129,7 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
                                                           create_index_name=index_name)], cfg.num_buckets),
             Stage("minhash_cluster", [MinhashDedupCluster(str(base / "buckets"), str(base / "remove"), cfg)], 1),
             Stage("minhash_filter", [_reader(prev), Meter("minhash", "in", L.stats),
-                                     MinhashDedupFilter(str(base / "remove"), exclusion_writer=_writer(L.removed / "minhash")),
+                                     MinhashDedupFilter(str(base / "remove"), exclusion_writer=_writer(L.removed / "minhash", True)),
                                      Meter("minhash", "out", L.stats), _writer(out)], tasks, str(out)),
         ]
         prev = out
@@ -145,7 +149,7 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
             Stage(f"{name}_find", [SentenceFindDedups(str(base / "sigs"), str(base / "dups"), config=cfg)], 1),
             Stage(f"{name}_filter", [_reader(prev), Meter(name, "in", L.stats),
                                      SentenceDedupFilter(str(base / "dups"), config=cfg, language=tok,
-                                                         exclusion_writer=_writer(L.removed / name)),
+                                                         exclusion_writer=_writer(L.removed / name, True)),
                                      Meter(name, "out", L.stats), _writer(out)], tasks, str(out)),
         ]
         prev = out
@@ -176,10 +180,18 @@ def run_stages(stages: list[Stage], logs: Path, workers: int = 1, quiet: bool = 
     from datatrove.executor.local import LocalPipelineExecutor
 
     times = {}
+    # fork (Linux): worker processes inherit the imported modules and jieba's loaded dictionary
+    # instead of re-importing them in every pool of every stage (forkserver, datatrove's default)
+    method = "fork" if sys.platform == "linux" else "forkserver"
+    if workers > 1 and any(getattr(s, "rule", "") in ("stopwords", "repetition") for st in stages for s in st.pipeline):
+        from geb.data.text import _jieba
+
+        with contextlib.suppress(ImportError):
+            _jieba()
     for st in stages:
         t0 = time.perf_counter()
         ex = LocalPipelineExecutor(st.pipeline, tasks=st.tasks, workers=max(1, min(workers, st.tasks)),
-                                   logging_dir=str(logs / st.name))
+                                   logging_dir=str(logs / st.name), start_method=method)
         if progress:
             progress(f"stage {st.name}: {st.tasks} task(s)")
         with _stderr_to(logs / "datatrove.log" if quiet else None):
@@ -203,19 +215,19 @@ def _publish_text(src: Path, L: Layout, meta: dict) -> dict:
 
     import orjson
 
-    files = sorted(src.glob("*.jsonl.gz")) if src.is_dir() else []
+    files = sorted(src.glob("*.jsonl")) if src.is_dir() else []
     docs = chars = 0
     h = hashlib.sha256()
     with atomic_dir(L.text) as tmp:
         names = []
         for i, f in enumerate(files):
             name = f"text_{i:05d}.jsonl.gz"
-            shutil.copyfile(f, tmp / name)
-            with gzip.open(f, "rb") as g:
+            with open(f, "rb") as g, gzip.open(tmp / name, "wb", compresslevel=6) as out:
                 for line in g:
                     docs += 1
                     chars += len(orjson.loads(line)["text"])
                     h.update(line)
+                    out.write(line)
             names.append(name)
         meta = {"format": TEXT_FORMAT, "files": names, "documents": docs, "chars": chars,
                 "data_hash": h.hexdigest()[:16], **meta}

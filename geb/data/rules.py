@@ -62,14 +62,19 @@ class Rule(MeteredStep):
 
         With redact, report examples show only the first two characters (the report must not
         republish the personal data the rule removed)."""
-        lines = text.split("\n")
-        code = code_line_mask(lines)
         found: list[str] = []
 
         def counted(m):
             found.append(m.group(0))
             return repl(m) if callable(repl) else repl
 
+        if "`" not in text and "~~~" not in text:  # no code anywhere: one pass over the whole text
+            text = pattern.sub(counted, text)
+            for f in found:
+                self.removed(doc, f"{f[:2]}… ({len(f)} chars)" if redact else f, reason)
+            return text
+        lines = text.split("\n")
+        code = code_line_mask(lines)
         for i, (line, is_code) in enumerate(zip(lines, code)):
             if is_code:
                 continue
@@ -151,6 +156,9 @@ class ControlCharsRule(Rule):
 
 
 GBK_GARBAGE_RE = re.compile("锟斤拷|烫烫烫|屯屯屯|鐨勪|銆�")
+# UTF-8 read as Latin-1/cp1252 always shows a lead byte 0xC2-0xF4 as one of Â..ô: lines without one
+# cannot be that mojibake, so ftfy's (slower) badness test only sees lines with one.
+LEAD_BYTE_RE = re.compile("[\u00c2-\u00f4]")
 
 
 class MojibakeRule(Rule):
@@ -170,7 +178,8 @@ class MojibakeRule(Rule):
                 doc.text = fixed
         # U+FFFD is left to replacement_chars (ftfy counts it as bad too)
         doc.text = self.map_lines(
-            doc, lambda ln: None if GBK_GARBAGE_RE.search(ln) or is_bad(ln.replace("\ufffd", "")) else ln,
+            doc, lambda ln: None if GBK_GARBAGE_RE.search(ln) or (
+                LEAD_BYTE_RE.search(ln) and is_bad(ln.replace("\ufffd", ""))) else ln,
             "garbled line")
         return doc
 
@@ -198,6 +207,10 @@ class ReplacementCharsRule(Rule):
         return doc
 
 
+SPACE_RE = re.compile(r"\s")
+ALNUM_RE = re.compile(r"[^\W_]")
+
+
 class SymbolLinesRule(Rule):
     rule = "symbol_lines"
     help = "drop lines (≥ min_chars non-space) whose share of characters that are not letters/digits/CJK exceeds max_ratio"
@@ -207,11 +220,11 @@ class SymbolLinesRule(Rule):
         lo, mx = self.p["min_chars"], self.p["max_ratio"]
 
         def keep(ln):
-            chars = [c for c in ln if not c.isspace()]
-            if len(chars) < lo:
+            n = len(ln) - len(SPACE_RE.findall(ln))
+            if n < lo:
                 return ln
-            sym = sum(1 for c in chars if not (c.isalnum() or CJK_RE.match(c)))
-            return None if sym / len(chars) > mx else ln
+            sym = n - len(ALNUM_RE.findall(ln))  # letters, digits and CJK are all \w (less _)
+            return None if sym / n > mx else ln
 
         doc.text = self.map_lines(doc, keep, "symbol line")
         return doc
@@ -220,6 +233,7 @@ class SymbolLinesRule(Rule):
 # Full-width punctuation that Chinese text uses as its own (，！？：；（）～ …): kept in CJK context.
 CJK_PUNCT = set(chr(c) for c in [*range(0xFF01, 0xFF10), *range(0xFF1A, 0xFF21), *range(0xFF3B, 0xFF41),
                                  *range(0xFF5B, 0xFF66)]) | {"\u2026"}
+CJK_PUNCT_RE = re.compile("[" + re.escape("".join(sorted(CJK_PUNCT))) + "]")
 
 
 class NormalizeRule(Rule):
@@ -232,18 +246,19 @@ class NormalizeRule(Rule):
         text, form, mode = doc.text, self.p["form"], self.p["cjk_punct"]
         if mode not in ("context", "keep", "fold"):
             raise GebError(f"rule 'normalize': cjk_punct must be context, keep or fold (got {mode!r})")
-        if mode == "fold" or not any(c in CJK_PUNCT for c in text):
+        if unicodedata.is_normalized(form, text):
+            return doc
+        if mode == "fold" or not CJK_PUNCT_RE.search(text):
             new = unicodedata.normalize(form, text)
         else:
-            out, seg = [], []
-            for i, c in enumerate(text):
-                if c in CJK_PUNCT and (mode == "keep" or _cjk_near(text, i)):
-                    out.append(unicodedata.normalize(form, "".join(seg)))
-                    out.append(c)
-                    seg = []
-                else:
-                    seg.append(c)
-            out.append(unicodedata.normalize(form, "".join(seg)))
+            out, last = [], 0
+            for m in CJK_PUNCT_RE.finditer(text):
+                i = m.start()
+                if mode == "keep" or _cjk_near(text, i):
+                    out.append(unicodedata.normalize(form, text[last:i]))
+                    out.append(text[i])
+                    last = i + 1
+            out.append(unicodedata.normalize(form, text[last:]))
             new = "".join(out)
         if new != text:
             changed = [a for a, b in zip(text, new) if a != b][:20]
@@ -411,8 +426,8 @@ class InDocDedupRule(Rule):
         out = []
         for line, is_code in zip(lines, code):
             key = norm_key(line)
-            if not is_code and key and len(units(line)) >= lo:
-                if key in seen:
+            if not is_code and key:
+                if key in seen and len(units(line)) >= lo:  # units counted only for repeats
                     self.removed(doc, line, "repeated paragraph")
                     continue
                 seen.add(key)
@@ -427,7 +442,7 @@ class InDocDedupRule(Rule):
             for a, b in split_sentences(line):
                 s = line[a:b]
                 key = norm_key(s)
-                if len(units(s)) >= lo and key in sents:
+                if key in sents and len(units(s)) >= lo:
                     self.removed(doc, s, "repeated sentence")
                 else:
                     sents.add(key)

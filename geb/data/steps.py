@@ -121,11 +121,9 @@ class MeteredStep(PipelineStep):
                     self.removed(doc, "", "empty after cleaning")
                     out = None
             if out is None:
-                self.stat_update("dropped")
                 continue
             acc.docs_out += 1
             acc.chars_out += len(out.text)
-            self.stat_update("forwarded")
             yield out
         self.save(rank)
 
