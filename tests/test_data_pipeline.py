@@ -59,7 +59,8 @@ def make_raw(root: Path) -> None:
     lines = [json.dumps({"id": "A", "text": A}, ensure_ascii=False), json.dumps({"id": "B", "text": B}),
              '{"text": "broken', json.dumps({"text": "   "}), json.dumps({"content": "no text field"}),
              json.dumps({"text": 5}), json.dumps({"id": "C-copy", "text": C}, ensure_ascii=False)]
-    (root / "web" / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # with a UTF-8 byte-order mark, as Windows editors write it
+    (root / "web" / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode("utf-8"))
     with gzip.open(root / "web" / "b.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(json.dumps({"id": "C", "text": C}, ensure_ascii=False) + "\n" + json.dumps({"id": "D", "text": D}) + "\n")
     txt = (E + "\n\n" + F + "\n\n").encode() + G.encode("utf-8").replace("\xff\xfe".encode(), b"\xff\xfe")

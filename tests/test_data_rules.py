@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("datatrove")
@@ -132,6 +134,10 @@ def test_gopher_quality(tmp_path):
     assert apply(tmp_path, "gopher_quality", "# # # # tag " * 10) is None  # '#' per word
     assert apply(tmp_path, "gopher_quality", "\n".join(f"- item {i}" for i in range(20))) is None  # all bullets
     assert apply(tmp_path, "gopher_quality", " ".join(["12345 678 90"] * 20) + " word") is None  # few alphabetic
+    review = "这本书写得很好，故事也很感人，我看了好几遍还想再看……"  # one line: …… is one ellipsis, kept
+    assert apply(tmp_path, "gopher_quality", review) == review
+    snippets = "\n".join(f"Story number {i} begins with a long day and then..." for i in range(5))
+    assert apply(tmp_path, "gopher_quality", snippets) is None  # a page of cut-off snippets
 
 
 def test_stopwords_and_keyword_stuffing(tmp_path):
@@ -190,3 +196,21 @@ def test_bilingual_tokenizer_units_and_sentences():
     tok = BilingualWordTokenizer()
     assert tok.word_tokenize("北京很好, it's fine.") == ["北", "京", "很", "好", "it's", "fine"]
     assert tok.sent_tokenize("第一句。第二句！Pi is 3.14 here. Last one") == ["第一句。", "第二句！", "Pi is 3.14 here.", "Last one"]
+
+
+def test_cli_rules_and_fit_lm(tmp_path, capsys):
+    from geb.cli import main
+
+    assert main(["data", "rules", "--json"]) == 0
+    rows = {r["rule"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["t2s"]["enabled"] is False and rows["pii"]["defaults"]["mode"] == "mask"
+    assert [r["stage"] for r in rows.values()].count("dedup") == 3
+    (tmp_path / "trusted").mkdir()
+    (tmp_path / "trusted" / "a.txt").write_text(f"{ZH}\n\n{EN}\n\n{ZH}\n\n{EN}\n", encoding="utf-8")
+    assert main(["data", "fit-lm", "--input", str(tmp_path / "trusted"), "--output", str(tmp_path / "ref.lm.json.gz"),
+                 "--order", "3"]) == 0
+    assert "held-out perplexity" in capsys.readouterr().out
+    from geb.data.lm import CharNgramLM
+
+    lm = CharNgramLM.load(tmp_path / "ref.lm.json.gz")
+    assert lm.order == 3 and lm.meta["p99_ppl"] >= lm.meta["median_ppl"] > 1

@@ -51,15 +51,17 @@ class LengthFilter(DocFilter):
         return None
 
 
+ELLIPSIS_RE = re.compile(r"\.{3,}|…+")
 BULLET_RE = re.compile(r"^\s*(?:[-*•·●◦▪‣>]|\d+[.)、]|[（(]?[一二三四五六七八九十]+[)）、])\s")
 
 
 class GopherQualityFilter(DocFilter):
     rule = "gopher_quality"
-    help = ("Gopher heuristics: '#'/ellipsis per unit, bullet-line and ellipsis-line shares, share of units with a "
-            "letter or CJK character, English mean word length (not applied to Chinese)")
+    help = ("Gopher heuristics: '#' and ellipses (... … ……, one per run) per unit, bullet-line and ellipsis-line "
+            "shares (documents of ≥ min_lines lines), share of units with a letter or CJK character, English mean "
+            "word length (not applied to Chinese)")
     defaults = {"max_symbol_word_ratio": 0.1, "max_bullet_lines_ratio": 0.9, "max_ellipsis_lines_ratio": 0.3,
-                "min_alpha_ratio": 0.7, "min_avg_word_length": 3, "max_avg_word_length": 10}
+                "min_lines": 3, "min_alpha_ratio": 0.7, "min_avg_word_length": 3, "max_avg_word_length": 10}
 
     def check(self, doc):
         text, p = doc.text, self.p
@@ -67,10 +69,10 @@ class GopherQualityFilter(DocFilter):
         if not us:
             return "no words"
         n = len(us)
-        if (text.count("#") + text.count("...") + text.count("…")) / n > p["max_symbol_word_ratio"]:
+        if (text.count("#") + len(ELLIPSIS_RE.findall(text))) / n > p["max_symbol_word_ratio"]:
             return "symbol/word ratio"
         lines = [ln for ln in text.split("\n") if ln.strip()]
-        if lines:
+        if len(lines) >= p["min_lines"]:  # a one-line review ending in …… is not a page of cut-off snippets
             if sum(1 for ln in lines if BULLET_RE.match(ln)) / len(lines) > p["max_bullet_lines_ratio"]:
                 return "bullet lines"
             ends = sum(1 for ln in lines if ln.rstrip().endswith(("...", "…")))

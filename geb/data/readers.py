@@ -109,6 +109,8 @@ class GebReader(BaseReader):
         """(1-based line number, decoded line) with invalid UTF-8 replaced and reported."""
         with _open_binary(path, comp) as f:
             for i, raw in enumerate(f, 1):
+                if i == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not text
+                    raw = raw[3:]
                 try:
                     yield i, raw.decode("utf-8")
                 except UnicodeDecodeError:
