@@ -91,11 +91,28 @@ class SafeTensorsMap:
             self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
-def write_aligned_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+class Lazy:
+    """A tensor made only when written (dtype, shape, make()), so huge files stream tensor by tensor."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple, make):
+        self.dtype, self.shape, self.make = dtype, tuple(shape), make
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+
+def write_aligned_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
     """A standard safetensors file whose tensors all start on ALIGN-byte boundaries where sizes allow.
 
     The format forbids holes between tensors, so alignment comes from order (tensors whose size is a
-    multiple of ALIGN first, largest first) and from padding the JSON header with spaces.
+    multiple of ALIGN first, largest first) and from padding the JSON header with spaces. Values are
+    tensors or `Lazy` (made one at a time while writing).
     """
     rev = {v: k for k, v in _DTYPES.items()}
     items = sorted(tensors.items(), key=lambda kv: (_nbytes(kv[1]) % ALIGN != 0, -_nbytes(kv[1]), kv[0]))
@@ -109,13 +126,16 @@ def write_aligned_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for _, t in items:
+        for name, t in items:
+            if isinstance(t, Lazy):
+                t = t.make().to(t.dtype)
+            if tuple(t.shape) != tuple(header[name]["shape"]):
+                raise GebError(f"{path}: tensor '{name}' changed shape while writing")
             if t.numel():
                 f.write(memoryview(t.contiguous().view(torch.uint8).numpy()))
-        f.flush()
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
