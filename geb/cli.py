@@ -12,7 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("geb.commands.info", "print a model config's parameter count and bytes per format"),
     "tokenizer": ("geb.commands.tokenizer", "train or evaluate the bilingual byte-level BPE tokenizer"),
-    "data": ("geb.commands.data", "clean, filter, deduplicate and pack raw Chinese/English text (with a report)"),
+    "data": ("geb.commands.data", "clean, filter, deduplicate and pack raw text"),
     "tokenize": ("geb.commands.tokenize", "pack text files into token shards for pretraining"),
     "pretrain": ("geb.commands.pretrain", "pretrain a model on packed token shards (resumable)"),
     "generate": ("geb.commands.generate", "generate text from a prompt with a model folder"),
