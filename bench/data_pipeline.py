@@ -186,7 +186,7 @@ def markdown(r: dict) -> str:
 
 NOTE = ("Most removed characters are verse: Shakespeare's and Milton's lines do not end in sentence punctuation, "
         "so `incomplete_lines` (the paper's rule) drops them; turn it off (`--set incomplete_lines=off`) for verse "
-        "or code-heavy corpora. MinHash removes works present twice (Milton's `x.txt`/`x_gut.txt`, Shakespeare's "
+        "or code-heavy corpora. `repetition` then drops three plays whose remaining lines are mostly repeated speaker names (`CLEOPATRA.`: Gopher's duplicate-line rule). MinHash removes works present twice (Milton's `x.txt`/`x_gut.txt`, Shakespeare's "
         "`_gut`/`_gut_f` editions where both fall in the sample) and repeated reviews. Time per stage is in the JSON (`runs[].stages`); the clean stage (rules + quality filters, "
         "jieba segmentation of Chinese documents of ≥ 50 characters) takes most of it.")
 
