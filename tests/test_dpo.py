@@ -122,6 +122,9 @@ def test_preference_moves_the_right_way_and_reference_is_cached_once(tmp_path, t
     # on questions never trained on, the policy now prefers the answer in the user's language
     v = meta["final_eval"]["val"]
     assert v["pairs"] == len(HELDOUT) and v["reward_acc"] == 1.0 and v["reward_margin"] > 0.1
+    for lang in ("en", "zh"):  # both ways round: the preference follows the prompt's language
+        assert v["by_lang"][lang]["pairs"] == 2 and v["by_lang"][lang]["reward_acc"] == 1.0
+        assert v["by_lang"][lang]["logp_chosen_shift"] > v["by_lang"][lang]["logp_rejected_shift"]
     vals = [r["val_loss"] for r in _records(tmp_path / "d") if r["kind"] == "val"]
     assert vals[-1] < math.log(2) - 0.05
     assert meta["stage"] == "dpo" and meta["parent"] == str(tiny_model_dir) and meta["reference"]["model"] == str(tiny_model_dir)

@@ -25,6 +25,7 @@ from geb.tokenizer import ROLES
 
 Data = Union[str, Path, Iterable[dict]]
 ON_BAD = ("error", "skip")
+LABELS = ("kind", "lang")  # optional record fields that evaluation reports break results down by
 
 
 class BadRecord(Exception):
@@ -231,6 +232,7 @@ class Pair:
     chosen_mask: list[int]
     rejected: list[int]
     rejected_mask: list[int]
+    labels: dict = field(default_factory=dict, compare=False)  # the record's "kind"/"lang", for reports
 
 
 def render_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str) -> Pair:
@@ -254,6 +256,7 @@ def load_pairs(data: Data, tokenizer, max_tokens: int, on_bad: str = "error",
             if isinstance(obj, BadRecord):
                 raise obj
             pair = render_pair(tokenizer, *preference(obj))
+            pair.labels = {k: obj[k] for k in LABELS if isinstance(obj.get(k), str)}
             n = max(len(pair.chosen), len(pair.rejected))
             if n > max_tokens:
                 raise BadRecord("too_long", f"prompt + answer is {n} tokens, longer than the {max_tokens}-token "

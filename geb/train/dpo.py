@@ -33,7 +33,7 @@ from geb.checkpoint import CONFIG, META, WEIGHTS, check_folder, load_model, read
 from geb.config import ModelConfig
 from geb.errors import GebError
 from geb.tokenizer import Tokenizer
-from geb.train.chatdata import Data, Pair, load_pairs, split_holdout
+from geb.train.chatdata import LABELS, Data, Pair, load_pairs, split_holdout
 from geb.train.loop import TrainConfig, resolve_device, resolve_dtype, resume_config, train
 from geb.train.sft import IGNORE
 
@@ -303,8 +303,18 @@ def preference_eval(model, pairs: list[Pair], ref: torch.Tensor, beta: float, pa
     lp = compute_logps(model, pairs, batch_size, pad_id, device, amp_dtype)
     d = lp - ref
     z = beta * (d[:, 0] - d[:, 1])
-    return {"pairs": len(pairs), "reward_acc": float((z > 0).float().mean()), "reward_margin": float(z.mean()),
-            "logp_chosen_shift": float(d[:, 0].mean()), "logp_rejected_shift": float(d[:, 1].mean())}
+
+    def summary(idx) -> dict:
+        zi, di = z[idx], d[idx]
+        return {"pairs": len(idx), "reward_acc": float((zi > 0).float().mean()), "reward_margin": float(zi.mean()),
+                "logp_chosen_shift": float(di[:, 0].mean()), "logp_rejected_shift": float(di[:, 1].mean())}
+
+    out = summary(list(range(len(pairs))))
+    for label in LABELS:  # e.g. per kind of preference, per language, when the records say
+        values = sorted({p.labels[label] for p in pairs if label in p.labels})
+        if values:
+            out[f"by_{label}"] = {v: summary([i for i, p in enumerate(pairs) if p.labels.get(label) == v]) for v in values}
+    return out
 
 
 def plot_rewards(out_dir: Path) -> None:
