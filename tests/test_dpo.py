@@ -82,7 +82,7 @@ def test_loss_and_gradient_match_the_dpo_formula(tokenizer, tiny_cfg, label_smoo
         terms.append(-(1 - label_smoothing) * torch.log(sig) - label_smoothing * torch.log(1 - sig))
     direct = sum(terms) / len(terms)
     direct.backward()
-    assert float(loss) == pytest.approx(float(direct.detach()), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(direct.detach()), rel=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(g_task[n], p.grad.float(), rtol=1e-4, atol=1e-7, msg=n)
     assert mets["reward_margin"] == pytest.approx(sum(zs) / len(zs), abs=1e-5)
