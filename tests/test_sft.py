@@ -55,6 +55,20 @@ def test_loss_mask_is_exactly_the_assistant_turns(tokenizer):
     assert tokenizer.decode(ex2[0]) == "<|im_start|>user\nTranslate\n\n猫<|im_end|>\n<|im_start|>assistant\ncat<|im_end|>"
 
 
+def test_the_checkpoint_carries_the_template_sft_trained_with(tmp_path, tokenizer):
+    """Every tool renders chats from the stored Jinja template; it must give the text SFT trained on."""
+    jinja2 = pytest.importorskip("jinja2")
+    tokenizer.save(tmp_path)
+    template = json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "再见"}]
+    (ex,), _, _ = load_conversations([{"messages": msgs}], tokenizer, 128)
+    text = jinja2.Environment().from_string(template).render(messages=msgs, add_generation_prompt=False)
+    assert text == tokenizer.decode(ex[0]) + "\n"  # SFT drops only the final newline
+    gen = jinja2.Environment().from_string(template).render(messages=msgs[:4], add_generation_prompt=True)
+    assert gen == tokenizer.decode(tokenizer.render_chat(msgs[:4], add_generation_prompt=True)[0])
+
+
 def test_pack_rows_places_everything_once_within_capacity():
     rng = random.Random(0)
     lengths = [rng.randint(1, 50) for _ in range(300)]
