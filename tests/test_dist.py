@@ -142,6 +142,10 @@ def test_two_processes_match_one_and_checkpoints_reshard(tmp_path, tokens_dir):
     dist.consolidate(tmp_path / "fsdp")  # the same weights, rebuilt from the shards alone
     rebuilt = load_file(tmp_path / "fsdp" / "model.safetensors")
     assert gathered.keys() == rebuilt.keys() and all(torch.equal(gathered[k], rebuilt[k]) for k in gathered)
+    exported = dist.consolidate(tmp_path / "fsdp", tmp_path / "export")  # a plain model folder elsewhere
+    model, tok, _ = load_model(exported)
+    assert tok is not None and not (exported / "dcp").exists() and not (exported / "train_state.pt").exists()
+    assert all(torch.equal(p, gathered[n]) for n, p in model.named_parameters())
     single(tmp_path / "fsdp", 6, resume=True)
     loss, val = _curve(tmp_path / "fsdp")
     assert loss == pytest.approx(ref_loss, rel=LOSS_RTOL) and val == pytest.approx(ref_val, rel=LOSS_RTOL)

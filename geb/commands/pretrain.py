@@ -21,8 +21,8 @@ def configure(p) -> None:
     p.add_argument("--out", help="output checkpoint folder (with --resume: the folder to continue)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (any number "
                    "of processes: the sharded state is re-split)")
-    p.add_argument("--consolidate", metavar="DIR", help="only rebuild DIR/model.safetensors from DIR/dcp (the "
-                   "sharded checkpoint) and exit")
+    p.add_argument("--consolidate", metavar="DIR", help="only gather DIR/dcp (the sharded checkpoint) into "
+                   "DIR/model.safetensors, or into a new folder given by --out, and exit")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the one named by the token folder)")
     p.add_argument("--config", default="geb-tiny", help="model preset (geb-1.3b, geb-small, geb-tiny, geb-test)")
     p.add_argument("--config-file", help="a ModelConfig JSON instead of a preset")
@@ -106,7 +106,7 @@ def run(args) -> int:
     from geb.train.pretrain import run_pretrain
 
     if args.consolidate:
-        print(f"wrote {dist.consolidate(args.consolidate)}")
+        print(f"wrote {dist.consolidate(args.consolidate, args.out)}")
         return 0
     if not args.data:
         raise GebError("give --data DIR (the token folder)")

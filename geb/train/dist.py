@@ -288,11 +288,16 @@ def load_training_state(folder: str | Path, module, opt) -> None:
     set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def consolidate(folder: str | Path) -> Path:
-    """Rebuild `folder/model.safetensors` from the DCP shards in `folder/dcp` (one process, no GPU)."""
+def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
+    """Gather the DCP shards in `folder/dcp` into one `model.safetensors` (one process, no GPU).
+
+    In place by default; with `out`, write a new ordinary checkpoint folder there (weights, config,
+    tokenizer, meta; no training state) atomically, and return its path.
+    """
     from safetensors.torch import save_file
     from torch.distributed.checkpoint import load as dcp_load
 
+    from geb.checkpoint import AtomicFolder
     from geb.config import ModelConfig
     from geb.model import GEB
 
@@ -300,7 +305,7 @@ def consolidate(folder: str | Path) -> Path:
     if not has_sharded_state(folder):
         raise GebError(f"{folder}: no sharded checkpoint ({DCP_DIR}/.metadata missing)")
     model = GEB(ModelConfig.load(folder / CONFIG))
-    sd = {k: v for k, v in model.state_dict().items()}
+    sd = dict(model.state_dict())
     try:
         with _quiet_dcp():
             dcp_load({"model": sd}, checkpoint_id=str(folder / DCP_DIR))
@@ -308,10 +313,19 @@ def consolidate(folder: str | Path) -> Path:
         raise GebError(f"{folder}/{DCP_DIR}: cannot read the model shards ({str(e).splitlines()[0]})") from None
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
-    tmp = folder / f".{WEIGHTS}.tmp"
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / WEIGHTS)
-    return folder / WEIGHTS
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    if out is None:
+        tmp = folder / f".{WEIGHTS}.tmp"
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / WEIGHTS)
+        return folder / WEIGHTS
+    out = Path(out)
+    with AtomicFolder(out) as tmp:
+        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        for f in folder.iterdir():
+            if f.is_file() and f.suffix == ".json" and f.name != "metrics.jsonl":
+                shutil.copy2(f, tmp / f.name)
+    return out
 
 
 __all__ = ["DistEnv", "setup", "shutdown", "barrier", "rank_micros", "all_reduce_mean", "wrap", "unwrap",
