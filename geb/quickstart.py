@@ -72,33 +72,41 @@ class Context:
 
 # -- stages -------------------------------------------------------------------------------------------
 def stage_corpus(ctx: Context) -> None:
+    """Write the built-in raw corpus (with noise, duplicates and bad records) and clean it."""
     from geb import corpus
+    from geb.data.pipeline import run_pipeline
 
     seed = ctx.cfg.seed
-    docs = corpus.pretrain_texts(seed)
-    val = corpus.validation_texts(seed)
-    d = ctx.path("corpus")
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "train.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs))
-    (d / "val.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in val))
-    n_zh = sum(1 for t in docs if _is_zh(t))
-    ctx.results["corpus"] = {"facts": len(corpus.facts(seed)), "train_documents": len(docs), "val_documents": len(val),
-                             "train_chars": sum(map(len, docs)), "zh_documents": n_zh, "en_documents": len(docs) - n_zh}
+    raw = ctx.path("raw")
+    if not raw.is_dir():
+        injected = corpus.write_raw_corpus(raw, seed=seed, bad_input=True)
+        (raw.parent / "raw_injected.json").write_text(json.dumps(injected, indent=2) + "\n")
+    injected = json.loads((raw.parent / "raw_injected.json").read_text())
+    report = run_pipeline(raw, ctx.path("data"), workers=1, overrides={"rules": {"t2s": {"enabled": True}}})
+    steps = report["steps"]
+    ctx.results["corpus"] = {"facts": len(corpus.facts(seed)), "raw_documents": injected["documents"],
+                             "injected": injected["injected"], "clean_documents": report["output"].get("documents"),
+                             "bad_input": report["input"]["bad_input"]}
     r = ctx.results["corpus"]
+    rows = "\n".join(f"| {s['step']} | {s['docs_in']} | {s['docs_out']} | {s['chars_in']:,} | {s['chars_out']:,} |"
+                     for s in steps)
     ctx.sections.append(
-        "## 1. Built-in corpus\n\n"
-        f"{r['facts']} invented facts, each stated in many phrasings in Chinese and English. Training: "
-        f"{r['train_documents']} documents ({r['zh_documents']} Chinese, {r['en_documents']} English), "
-        f"{r['train_chars']:,} characters. Validation: {r['val_documents']} documents written with phrasings "
-        "held out of training.\n")
+        "## 1. Built-in corpus and data pipeline\n\n"
+        f"{r['facts']} invented facts, each stated in many phrasings in Chinese and English, written as "
+        f"{r['raw_documents']} raw documents with injected noise ({', '.join(f'{k} {v}' for k, v in sorted(r['injected'].items()))}). "
+        f"The pipeline (`geb data run`) counted bad input ({', '.join(f'{k} {v}' for k, v in sorted(r['bad_input'].items())) or 'none'}) "
+        f"and kept {r['clean_documents']} documents. Details: [data/report.md](data/report.md).\n\n"
+        "| step | docs in | docs out | chars in | chars out |\n|---|---|---|---|---|\n" + rows + "\n\n"
+        "![data pipeline](data/report.png)\n")
 
 
 def stage_tokenizer(ctx: Context) -> None:
     from geb.commands.tokenizer import efficiency
+    from geb.data.pipeline import iter_text
     from geb.tokenizer import Tokenizer
 
-    docs = _read_jsonl(ctx.path("corpus", "train.jsonl"))
     tok_dir = ctx.path("tokenizer")
+    docs = list(iter_text(ctx.path("data", "text")))
     if (tok_dir / "tokenizer.json").is_file():
         tok = Tokenizer.load(tok_dir)
     else:
@@ -112,21 +120,23 @@ def stage_tokenizer(ctx: Context) -> None:
     r = ctx.results["tokenizer"]
     ctx.sections.append(
         "## 2. Tokenizer\n\n"
-        f"Byte-level BPE, {r['vocab_size']} tokens. | language | chars/token | bytes/token |\n|---|---|---|\n"
+        f"Byte-level BPE trained on the cleaned text, {r['vocab_size']} tokens.\n\n"
+        "| language | chars/token | bytes/token |\n|---|---|---|\n"
         f"| Chinese | {r['zh_chars_per_token']:.2f} | {r['zh_bytes_per_token']:.2f} |\n"
         f"| English | {r['en_chars_per_token']:.2f} | {r['en_bytes_per_token']:.2f} |\n")
 
 
 def stage_pack(ctx: Context) -> None:
-    from geb.data.simple import pack_texts
+    from geb import corpus
+    from geb.data.pipeline import pack_text
     from geb.data.tokens import TokenData
-    from geb.tokenizer import Tokenizer
 
+    seed = ctx.cfg.seed
     d = ctx.path("tokens")
-    if not (d / "meta.json").is_file():
-        tok = Tokenizer.load(ctx.path("tokenizer"))
-        pack_texts(_read_jsonl(ctx.path("corpus", "train.jsonl")), tok, d, seed=ctx.cfg.seed,
-                   tokenizer_dir=ctx.path("tokenizer"), val_docs=_read_jsonl(ctx.path("corpus", "val.jsonl")))
+    # Validation uses phrasings held out of training; the multiple-choice practice text (dev facts
+    # only) teaches the letter-answer layout that the MCQ evaluation scores.
+    pack_text(ctx.path("data", "text"), ctx.path("tokenizer"), d, seed=seed, val_texts=corpus.validation_texts(seed),
+              extra_train_texts=corpus.mcq_practice_texts(seed))
     data = TokenData(d)
     train, val = np.asarray(data.array("train")), np.asarray(data.array("val"))
     ctx.results["tokens"] = {"train_tokens": int(train.size), "val_tokens": int(val.size),

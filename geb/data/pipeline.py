@@ -368,7 +368,8 @@ def _val_score(doc_id: str, seed: int) -> float:
 
 
 def pack_text(text_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, val_fraction: float = 0.01,
-              seed: int = 0, shard_tokens: int = 1 << 26, val_texts: list[str] | None = None) -> dict:
+              seed: int = 0, shard_tokens: int = 1 << 26, val_texts: list[str] | None = None,
+              extra_train_texts: list[str] | None = None) -> dict:
     """Tokenize a cleaned-text folder into geb-tokens-v1 shards (EOS after each document).
 
     A document goes to validation when a hash of its id (and seed) falls below val_fraction, so the
@@ -386,7 +387,9 @@ def pack_text(text_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Pa
     tok = Tokenizer.load(tokenizer_dir)
     text_meta = json.loads((text_dir / "meta.json").read_text()) if (text_dir / "meta.json").is_file() else {}
     val_hash = (hashlib.sha256("\0".join(val_texts).encode()).hexdigest()[:16] if val_texts is not None else None)
-    want = {"parent": str(text_dir.resolve()), "text_hash": text_meta.get("data_hash"),
+    extra_hash = (hashlib.sha256("\0".join(extra_train_texts).encode()).hexdigest()[:16]
+                  if extra_train_texts else None)
+    want = {"extra_train_texts_hash": extra_hash, "parent": str(text_dir.resolve()), "text_hash": text_meta.get("data_hash"),
             "tokenizer_hash": tok.hash(), "val_fraction": None if val_texts is not None else val_fraction,
             "seed": seed, "val_texts_hash": val_hash}
     mf = out_dir / "meta.json"
@@ -408,5 +411,8 @@ def pack_text(text_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Pa
             w.add(tok.encode(text, allow_special=False), "val" if doc_id in val else "train")
         for text in val_texts or []:
             w.add(tok.encode(text, allow_special=False), "val")
+        # already-clean text that must not pass the cleaning rules (e.g. formatted exercises)
+        for text in extra_train_texts or []:
+            w.add(tok.encode(text, allow_special=False), "train")
         meta = w.close()
     return meta
