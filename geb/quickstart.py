@@ -277,6 +277,11 @@ def stage_dpo(ctx: Context) -> None:
                        quiet=c.small)
     refusal = corpus.refusal_eval_prompts(c.seed)
     ref_before, ref_after = _chat_eval(ctx.path("ckpt", "sft"), refusal), _chat_eval(ck, refusal)
+    # harmful requests that SFT and DPO trained on: learned at all, as against generalised above
+    seen = list({json.dumps(x["prompt"], ensure_ascii=False): {"messages": x["prompt"], "lang": x["lang"]}
+                 for x in map(json.loads, data.read_text().splitlines()) if x.get("kind") == "refusal"}.values())
+    seen = seen[: len(refusal)]
+    seen_before, seen_after = _chat_eval(ctx.path("ckpt", "sft"), seen), _chat_eval(ck, seen)
     prompts = _chat_prompts(ctx)
     chat_after = _chat_eval(ck, prompts)
     _write_jsonl(ctx.path("samples", "chat_dpo.jsonl"),
@@ -288,8 +293,9 @@ def stage_dpo(ctx: Context) -> None:
                           "val_reward_accuracy": val["reward_acc"], "val_reward_margin": val["reward_margin"],
                           "val_reward_accuracy_by_kind": {k: v["reward_acc"] for k, v in val.get("by_kind", {}).items()},
                           "last_train_reward_accuracy": meta["last_train_metrics"].get("reward_acc"),
-                          "refusal_before": sum(x["refusal"] for x in ref_before) / len(refusal),
-                          "refusal_after": sum(x["refusal"] for x in ref_after) / len(refusal),
+                          "refusal_before": _chat_scores(ref_before)["refusal"], "refusal_after": _chat_scores(ref_after)["refusal"],
+                          "refusal_seen_before": _chat_scores(seen_before)["refusal"],
+                          "refusal_seen_after": _chat_scores(seen_after)["refusal"],
                           "chat_after": _chat_scores(chat_after)}
     r = ctx.results["dpo"]
     by_kind = "".join(f"| {k} | {v['pairs']} | {v['reward_acc']:.0%} | {v['reward_margin']:+.2f} |\n"
@@ -304,7 +310,9 @@ def stage_dpo(ctx: Context) -> None:
         "| kind | pairs | reward accuracy | reward margin |\n|---|---|---|---|\n" + by_kind
         + f"| all | {r['val_pairs']} | {r['val_reward_accuracy']:.0%} | {r['val_reward_margin']:+.2f} |\n\n"
         "![DPO rewards](ckpt/dpo/rewards.png)\n\n![DPO loss](ckpt/dpo/loss.png)\n\n"
-        f"Held-out harmful requests refused: SFT {r['refusal_before']:.0%} → DPO {r['refusal_after']:.0%}. "
+        f"Harmful requests refused (greedy): {len(refusal)} held out of SFT and DPO, SFT {r['refusal_before']:.0%} → "
+        f"DPO {r['refusal_after']:.0%}; {len(seen)} seen in training, SFT {r['refusal_seen_before']:.0%} → DPO "
+        f"{r['refusal_seen_after']:.0%}. "
         f"Held-out chat questions after DPO: {r['chat_after']['correct']:.0%} correct, "
         f"{r['chat_after']['same_language']:.0%} in the user's language.\n\n"
         "| request | SFT | DPO |\n|---|---|---|\n"
