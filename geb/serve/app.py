@@ -69,14 +69,16 @@ class State:
         self.on_fatal = None  # set by run_server: stop uvicorn when the model cannot load
         self.created = now()
 
-    def load(self, engine=None) -> None:
+    def load(self, engine_factory=None) -> None:
         s = self.settings
         try:
-            if engine is None:
+            say(f"loading {s.model} ...")
+            if engine_factory is None:
                 from geb.infer.engine import Engine
 
-                say(f"loading {s.model} ...")
                 engine = Engine.from_folder(s.model, format=s.format, threads=s.threads)
+            else:
+                engine = engine_factory()
             ctx = engine.cfg.max_seq_len
             max_tokens = s.max_tokens if s.max_tokens is not None else min(512, ctx - 1)
             max_prompt = s.max_prompt_tokens if s.max_prompt_tokens is not None else ctx - 1
@@ -179,14 +181,14 @@ def sse(obj) -> str:
 
 
 # -- the app ----------------------------------------------------------------------------------------
-def create_app(settings: ServerSettings, engine=None) -> FastAPI:
-    """The app; the model loads when it starts (from settings.model, or `engine` if given)."""
+def create_app(settings: ServerSettings, engine_factory=None) -> FastAPI:
+    """The app; the model loads on a thread when it starts (settings.model, or `engine_factory()`)."""
     state = State(settings)
     page = resources.files("geb.serve").joinpath("static", "chat.html").read_bytes()
 
     @asynccontextmanager
     async def lifespan(app):
-        threading.Thread(target=state.load, args=(engine,), name="geb-load", daemon=True).start()
+        threading.Thread(target=state.load, args=(engine_factory,), name="geb-load", daemon=True).start()
         yield
         if state.scheduler is not None:
             await anyio.to_thread.run_sync(state.scheduler.stop)
