@@ -25,6 +25,7 @@ from geb.infer.quant import FORMATS, INT4_GROUPS, Embedding, check_format, linea
 from geb.infer.runtime import Layer, Runtime, build_runtime, default_side_formats
 
 LAYOUT = "geb-fused-v1"
+ALIGN = 64  # bytes; quantized folders place every tensor on such a boundary
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8,
            "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
 
@@ -73,8 +74,9 @@ class SafeTensorsMap:
         count = (end - b) // torch.empty(0, dtype=dt).element_size()
         if count == 0:
             return torch.empty(e["shape"], dtype=dt)
-        t = torch.frombuffer(self._mm, dtype=dt, count=count, offset=self.base + b)
-        return t.view(e["shape"])
+        t = torch.frombuffer(self._mm, dtype=dt, count=count, offset=self.base + b).view(e["shape"])
+        # torch's packed int8/int4 kernels fault on unaligned weights: copy the rare unaligned tensor
+        return t if (self.base + b) % ALIGN == 0 else t.clone()
 
     def release(self, name: str) -> None:
         """Drop the pages of a tensor that has been converted (reread from the file if touched again)."""
@@ -87,6 +89,54 @@ class SafeTensorsMap:
         stop = end // page * page
         if stop > start:
             self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+class Lazy:
+    """A tensor made only when written (dtype, shape, make()), so huge files stream tensor by tensor."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple, make):
+        self.dtype, self.shape, self.make = dtype, tuple(shape), make
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+
+def write_aligned_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """A standard safetensors file whose tensors all start on ALIGN-byte boundaries where sizes allow.
+
+    The format forbids holes between tensors, so alignment comes from order (tensors whose size is a
+    multiple of ALIGN first, largest first) and from padding the JSON header with spaces. Values are
+    tensors or `Lazy` (made one at a time while writing).
+    """
+    rev = {v: k for k, v in _DTYPES.items()}
+    items = sorted(tensors.items(), key=lambda kv: (_nbytes(kv[1]) % ALIGN != 0, -_nbytes(kv[1]), kv[0]))
+    header, off = {"__metadata__": metadata}, 0
+    for name, t in items:
+        n = _nbytes(t)
+        header[name] = {"dtype": rev[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-(8 + len(raw))) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, t in items:
+            if isinstance(t, Lazy):
+                t = t.make().to(t.dtype)
+            if tuple(t.shape) != tuple(header[name]["shape"]):
+                raise GebError(f"{path}: tensor '{name}' changed shape while writing")
+            if t.numel():
+                f.write(memoryview(t.contiguous().view(torch.uint8).numpy()))
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
 
 
 def read_config(folder: Path) -> tuple[ModelConfig, dict | None]:
@@ -204,8 +254,6 @@ def load_runtime(folder: str | Path, fmt: str | None = None, group_size: int = 3
 
 def save_quantized(out: str | Path, rt: Runtime, tokenizer, meta: dict) -> Path:
     """Write a quantized folder atomically (weights, config with `quantization`, tokenizer, meta)."""
-    from safetensors.torch import save_file
-
     from geb import __version__
 
     out = Path(out)
@@ -215,7 +263,7 @@ def save_quantized(out: str | Path, rt: Runtime, tokenizer, meta: dict) -> Path:
          "head_format": rt.info.get("head_format", default_side_formats(rt.fmt)[1])}
     sd = {k: v.contiguous() for k, v in rt.state().items()}
     with AtomicFolder(out) as tmp:
-        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt", "geb_quantization": rt.fmt})
+        write_aligned_safetensors(tmp / WEIGHTS, sd, {"format": "pt", "geb_quantization": rt.fmt})
         (tmp / CONFIG).write_text(json.dumps({**rt.cfg.to_dict(), "quantization": q}, indent=2) + "\n")
         tokenizer.save(tmp)
         meta = {"geb_version": __version__, "created": now_iso(), "stage": "quantize", **meta,
