@@ -34,6 +34,9 @@ def test_parse_defaults_and_extensions():
     p0, p1 = req.sampling(req.limit, 0), req.sampling(req.limit, 1)
     assert p0.greedy and p0.top_k == 0 and p0.repetition_penalty == 1.0 and p0.stop == ["a"]
     assert (p0.seed, p1.seed, p0.max_new_tokens) == (5, 6, 9)
+    assert p0.stop_ids is None  # the tokenizer's end tokens
+    req = parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], "ignore_eos": True})
+    assert req.sampling(4).stop_ids == []
 
 
 @pytest.mark.parametrize("body, param, code", [

@@ -176,8 +176,13 @@ class EventStream(StreamingResponse):
             self.on_close()
 
 
+# Line breaks that JSON leaves raw but line splitters (Python's splitlines, httpx's iter_lines) honour:
+# escaped, so an event is always one line. Other text stays raw UTF-8 (Chinese at 3 bytes, not 6).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 # -- the app ----------------------------------------------------------------------------------------

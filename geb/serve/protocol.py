@@ -4,8 +4,8 @@ Requests are parsed by pydantic models that forbid unknown fields, so a misspelt
 naming it (as OpenAI's own API answers) rather than silently ignored. Parameters of the OpenAI API
 that geb cannot honour (tools, logprobs, penalties, logit bias, JSON mode) are accepted only at their
 neutral values. Unset sampling parameters take the model's release defaults (SamplingParams: GEB's
-generation config), as vLLM does with a model's generation_config.json; `top_k` and
-`repetition_penalty` are accepted as extensions under vLLM's names.
+generation config), as vLLM does with a model's generation_config.json; `top_k`,
+`repetition_penalty` and `ignore_eos` are accepted as extensions under vLLM's names.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ class _Common(_Strict):
     # extensions (vLLM's names)
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool | None = False  # generate max_tokens whatever the model says (benchmarks)
 
     @field_validator("stop")
     @classmethod
@@ -117,6 +118,7 @@ class _Common(_Strict):
             # n choices from one seed must differ from each other yet stay reproducible
             seed=None if self.seed is None else self.seed + index,
             stop=self.stops(),
+            stop_ids=[] if self.ignore_eos else None,
         )
 
     @property
