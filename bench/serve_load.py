@@ -87,10 +87,10 @@ class Served:
             if self.proc is not None and self.proc.poll() is not None:
                 raise SystemExit(f"{self.label}: server exited with {self.proc.returncode}")
             try:
+                h = httpx.get(self.url + "/health", timeout=5)  # geb: 503 while loading
                 r = httpx.get(self.url + "/v1/models", timeout=5)
-                if r.status_code == 200:
+                if r.status_code == 200 and h.status_code in (200, 404):
                     self.model = r.json()["data"][0]["id"]
-                    h = httpx.get(self.url + "/health", timeout=5)
                     return h.json() if h.status_code == 200 else {}
             except httpx.HTTPError:
                 pass

@@ -138,3 +138,24 @@ def test_load_failure_is_reported(tmp_path):
         assert h.status_code == 503 and "truncated" in h.json()["error"]
         r = httpx.post(srv.url + "/v1/completions", json={"model": "x", "prompt": "a"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_load_failed"
+
+
+def test_sse_events_stay_on_one_line():
+    """JSON leaves U+0085/U+2028/U+2029 raw, but line splitters honour them: they must be escaped."""
+    import json
+
+    from geb.serve.app import sse
+
+    text = "a\x85b\u2028c\u2029d\r\n中文"
+    event = sse({"choices": [{"delta": {"content": text}}]})
+    assert event.endswith("\n\n") and len(event.strip().splitlines()) == 1
+    assert json.loads(event[len("data: "):])["choices"][0]["delta"]["content"] == text
+    assert "中文" in event  # non-ASCII text stays raw UTF-8
+
+
+def test_serve_command_errors_are_one_line(tmp_path, capsys):
+    from geb.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "model folder not found" in err and "Traceback" not in err
