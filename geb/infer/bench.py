@@ -109,12 +109,7 @@ def bench_runtime(rt: Runtime, prompt_len: int = 512, new_tokens: int = 128, rep
 
 def bytes_per_token(rt: Runtime) -> int:
     """Weight bytes read to decode one token: all but the embedding table, which is a row lookup."""
-    emb = {t.data_ptr() for t in rt.emb.state("").values()}
-    head = {t.data_ptr() for t in rt.head.state("").values()}
-    n = rt.weight_bytes
-    if not emb & head:
-        n -= rt.emb.nbytes
-    return n
+    return rt.weight_bytes - (0 if rt.head_shares_embedding else rt.emb.nbytes)
 
 
 def bench_format(spec: dict) -> dict:

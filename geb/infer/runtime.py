@@ -111,8 +111,17 @@ class Runtime:
         return sd
 
     @property
+    def head_shares_embedding(self) -> bool:
+        emb = {t.data_ptr() for t in self.emb.state("").values()}
+        return any(t.data_ptr() in emb for t in self.head.state("").values()) if self.head.fmt != "int4" else False
+
+    @property
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state().values())
+        n = self.emb.nbytes + self.norm.numel() * 4
+        n += 0 if self.head_shares_embedding else self.head.nbytes
+        for L in self.layers:
+            n += sum(m.nbytes for m in (L.wqkv, L.wo, L.w_gateup, L.w_down)) + 8 * self.cfg.d_model
+        return n
 
     def set_threads(self, n: int) -> None:
         self.threads = max(1, int(n))

@@ -177,7 +177,7 @@ def runtime_from_quantized(folder: Path, cfg: ModelConfig, q: dict) -> Runtime:
         return st.get(name, dtype, shape)
 
     def lin(prefix, shape, f=fmt):
-        out = linear_from_state(get, prefix, f, shape, gs)
+        out = linear_from_state(get, prefix, f, shape, gs, keep_nibbles=False)
         if f == "int4":  # the nibbles have been repacked: their pages are no longer needed
             st.release(prefix + "qweight")
         return out
