@@ -162,11 +162,12 @@ class BatchEngine:
         for r in list(self.active):  # a request sampled in the last step is live until fed
             if r.id in cancel:
                 self._finish(r, "cancelled", events)
-        with self.rt.threads_scope():
-            for r in admit:
-                self._admit(r, events)
-            if self.active:
-                self._decode(events)
+        # No thread-count restore per step: the scheduler's loop owns its thread, and resizing
+        # torch's pool every step would cost more than the step's small ops.
+        for r in admit:
+            self._admit(r, events)
+        if self.active:
+            self._decode(events)
         return events
 
     def _admit(self, r: Request, events: list[Event]) -> None:
