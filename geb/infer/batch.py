@@ -165,7 +165,11 @@ class BatchEngine:
         # No thread-count restore per step: the scheduler's loop owns its thread, and resizing
         # torch's pool every step would cost more than the step's small ops.
         for r in admit:
-            self._admit(r, events)
+            try:
+                self._admit(r, events)
+            except GebError as e:  # a bad request fails alone; the batch goes on
+                r.error = str(e)
+                self._finish(r, "error", events)
         if self.active:
             self._decode(events)
         return events
