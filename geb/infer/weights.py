@@ -244,9 +244,8 @@ def load_runtime(folder: str | Path, fmt: str | None = None, group_size: int = 3
         fmt = check_format(fmt or "fp32")
         st = SafeTensorsMap(folder / WEIGHTS)
         _check_full_names(st, cfg)
-        # FP32 weights stored FP32 are used in place; everything else is converted tensor by tensor.
-        rt = build_runtime(cfg, st.get, fmt, group_size, release=None if fmt == "fp32" else st.release,
-                           info={"source": str(folder)})
+        # FP32 weights stored FP32 are used in place; fused or converted ones drop the file's pages.
+        rt = build_runtime(cfg, st.get, fmt, group_size, release=st.release, info={"source": str(folder)})
     tok = Tokenizer.load(folder)
     if tok.vocab_size > cfg.vocab_size:
         raise GebError(f"{folder}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
