@@ -109,12 +109,7 @@ def bench_runtime(rt: Runtime, prompt_len: int = 512, new_tokens: int = 128, rep
 
 def bytes_per_token(rt: Runtime) -> int:
     """Weight bytes read to decode one token: all but the embedding table, which is a row lookup."""
-    emb = {t.data_ptr() for t in rt.emb.state("").values()}
-    head = {t.data_ptr() for t in rt.head.state("").values()}
-    n = rt.weight_bytes
-    if not emb & head:
-        n -= rt.emb.nbytes
-    return n
+    return rt.weight_bytes - (0 if rt.head_shares_embedding else rt.emb.nbytes)
 
 
 def bench_format(spec: dict) -> dict:
@@ -139,18 +134,34 @@ def bench_format(spec: dict) -> dict:
     return res
 
 
-def run_bench(specs: list[dict], isolate: bool = True, log=print) -> list[dict]:
-    """Run each spec (see bench_format) in its own spawned process (or inline when isolate=False)."""
+def run_bench(specs: list[dict], isolate: bool = True, log=print, omp_wait_policy: str | None = "PASSIVE") -> list[dict]:
+    """Run each spec (see bench_format) in its own spawned process (or inline when isolate=False).
+
+    `omp_wait_policy` is given to the children's OpenMP runtime (it is read once, when torch loads):
+    PASSIVE lets idle torch workers sleep instead of spinning, which on a machine shared with other
+    work was 3-8x faster at decode (spinning workers take the time slices the working thread needs).
+    None leaves the environment as it is.
+    """
     out = []
     for spec in specs:
         log(f"  {spec['format']:>5} threads={spec['threads']} ...")
         if isolate:
             import multiprocessing as mp
 
-            with mp.get_context("spawn").Pool(1) as pool:
-                res = pool.apply(bench_format, (spec,))
+            old = os.environ.get("OMP_WAIT_POLICY")
+            if omp_wait_policy:
+                os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
+            try:
+                with mp.get_context("spawn").Pool(1) as pool:
+                    res = pool.apply(bench_format, (spec,))
+            finally:
+                if old is None:
+                    os.environ.pop("OMP_WAIT_POLICY", None)
+                else:
+                    os.environ["OMP_WAIT_POLICY"] = old
         else:
             res = bench_format(spec)
+        res["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY") if not isolate else (omp_wait_policy or old)
         out.append(res)
         log("        " + format_row(res))
     return out
