@@ -199,6 +199,17 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
     assert after["generated_tokens"] - before["generated_tokens"] < 800
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(server):
+    before = server.health()
+    impatient = server.client(timeout=0.25)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model="tiny-long", messages=CHAT, temperature=0, max_tokens=800)
+    after = server.wait_idle()
+    assert after["running"] == 0
+    assert after["finished"]["cancelled"] == before["finished"]["cancelled"] + 1
+    assert after["generated_tokens"] - before["generated_tokens"] < 800
+
+
 def test_slow_reader_does_not_hold_its_slot(server, engine):
     want = engine.chat(CHAT, greedy(200))
     body = {"model": "tiny-long", "messages": CHAT, "max_tokens": 200, "temperature": 0, "stream": True}

@@ -159,3 +159,34 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "model folder not found" in err and "Traceback" not in err
+
+
+def test_engine_failure_fails_its_requests_and_serving_goes_on(tiny_model_dir):
+    import json
+
+    from geb.infer.engine import Engine
+    from geb.serve.app import ServerSettings, create_app
+
+    eng = Engine.from_folder(tiny_model_dir)
+    real, calls = eng.rt.decode, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated out of memory")
+        return real(*a, **k)
+
+    eng.rt.decode = flaky
+    app = create_app(ServerSettings(model=str(tiny_model_dir)), engine_factory=lambda: eng)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with _Uvicorn(app) as srv:
+        end = time.monotonic() + 60
+        while httpx.get(srv.url + "/health").status_code != 200 and time.monotonic() < end:
+            time.sleep(0.05)
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        assert "simulated out of memory" in events[-1]["error"]["message"]
+        r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        h = httpx.get(srv.url + "/health").json()
+        assert h["finished"]["error"] == 1 and h["running"] == 0

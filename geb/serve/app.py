@@ -24,7 +24,7 @@ from pathlib import Path
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from geb.errors import GebError
@@ -329,16 +329,20 @@ def create_app(settings: ServerSettings, engine_factory=None) -> FastAPI:
         texts = [""] * len(jobs)
         collect = asyncio.ensure_future(_collect(ticket, texts))
         gone = asyncio.ensure_future(wait_disconnect(request))
+        left = True
         try:
             await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+            left = not collect.done()
         finally:
             gone.cancel()
-            if not collect.done():  # the client left: free the slots, answer no one
+            if left:  # the client went away (or the server is stopping): free the slots
                 collect.cancel()
                 ticket.cancel()
+        if left:
+            return Response(status_code=499)  # "client closed request" (nginx's code): nobody reads it
         error = collect.result()
         if error:
-            raise APIError(500, error)
+            raise error
         if echo:
             texts = [echo[k // n] + t for k, t in enumerate(texts)]
         choices = list(zip(texts, ticket.finish))
@@ -350,8 +354,8 @@ def create_app(settings: ServerSettings, engine_factory=None) -> FastAPI:
         for i in range(len(ticket.rids)):
             yield sse(chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}, with_usage=with_usage))
         async for i, u in ticket:
-            if u.finish == "error":
-                yield sse(APIError(500, u.error or "the engine failed").body())
+            if u.finish in FAILED:
+                yield sse(failure(u).body())
                 return
             if u.text:
                 yield sse(chat_chunk(rid, created, model, i, {"content": u.text}, with_usage=with_usage))
@@ -369,8 +373,8 @@ def create_app(settings: ServerSettings, engine_factory=None) -> FastAPI:
             for k in range(len(ticket.rids)):
                 yield sse(completion_chunk(rid, created, model, k, echo[k // n], with_usage=with_usage))
         async for i, u in ticket:
-            if u.finish == "error":
-                yield sse(APIError(500, u.error or "the engine failed").body())
+            if u.finish in FAILED:
+                yield sse(failure(u).body())
                 return
             if u.text or u.finish is not None:
                 yield sse(completion_chunk(rid, created, model, i, u.text, u.finish, with_usage=with_usage))
@@ -382,14 +386,23 @@ def create_app(settings: ServerSettings, engine_factory=None) -> FastAPI:
     return app
 
 
-async def _collect(ticket: Ticket, texts: list[str]) -> str | None:
-    """Gather every choice's text; return the engine's error message if it failed."""
+async def _collect(ticket: Ticket, texts: list[str]) -> APIError | None:
+    """Gather every choice's text; return the error to answer if the engine failed or is stopping."""
     async for i, u in ticket:
-        if u.finish == "error":
+        if u.finish in FAILED:
             ticket.cancel()
-            return u.error or "the engine failed"
+            return failure(u)
         texts[i] += u.text
     return None
+
+
+FAILED = ("error", "cancelled")  # a client's own cancel is never answered: "cancelled" means shutdown
+
+
+def failure(u) -> APIError:
+    if u.finish == "cancelled":
+        return APIError(503, "The server is shutting down.", code="server_shutting_down")
+    return APIError(500, u.error or "the engine failed")
 
 
 def run_server(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
