@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = ("the capital of France is Paris water boils at one hundred degrees 北京 是 中国 的 首都 长城 很 长 "
+WORDS = ("the capital of France is Paris water boils at one hundred degrees 北京 是 中国 的 首都 长城 很 长 "  # noqa: SIM905
          "熊猫 生活 在 四川 cats and dogs live on Maple Street 春眠 不觉晓 处处 闻 啼鸟").split()
 
 
@@ -73,7 +73,7 @@ class Served:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-            self.log = open(log or os.devnull, "w")
+            self.log = open(log or os.devnull, "w")  # noqa: SIM115 - open while the server runs
             self.proc = subprocess.Popen([sys.executable, "-m", "geb", "serve", "--model", str(model_dir),
                                           "--port", str(port), *args], env=env, stdout=self.log,
                                          stderr=subprocess.STDOUT, cwd=ROOT)
@@ -158,7 +158,7 @@ def run_level(served: Served, clients: int, per_client: int, max_tokens: int, pr
     dec = [r["decode_tok_s"] for r in results if r["decode_tok_s"]]
     return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
             "agg_tok_s": tokens / wall, "latency_p50_s": statistics.median(lat),
-            "latency_p95_s": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))],
+            "latency_p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
             "ttft_p50_s": statistics.median(r["ttft_s"] for r in results),
             "per_request_decode_tok_s": statistics.median(dec) if dec else None}
 
@@ -232,7 +232,7 @@ def main() -> int:
         if "one-at-a-time" in row:
             row["batched_over_serial"] = row["batched"]["agg_tok_s"] / row["one-at-a-time"]["agg_tok_s"]
         table.append(row)
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "command": "python bench/serve_load.py " + " ".join(sys.argv[1:]),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "load_avg_1m_at_end": os.getloadavg()[0]},

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_helpers import Server, make_model  # noqa: E402
+from serve_helpers import Server, make_model
 
 KEY = "sk-geb-test"
 CHAT = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "What is the capital of France?"}]

@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from serve_helpers import free_port  # noqa: E402
+from serve_helpers import free_port
 
 
 def test_parse_defaults_and_extensions():

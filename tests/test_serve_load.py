@@ -18,7 +18,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_helpers import Server  # noqa: E402
+from serve_helpers import Server
 
 QUESTIONS = ["What is the capital of France?", "北京是哪个国家的首都？", "Why does water boil?",
              "熊猫生活在哪里？", "Write a line of code.", "春眠不觉晓的下一句是什么？", "How many dogs lived on Maple Street?",

@@ -28,8 +28,20 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from geb.errors import GebError
-from geb.serve.protocol import (APIError, ChatRequest, CompletionRequest, chat_body, chat_chunk, completion_body,
-                                completion_chunk, invalid, new_id, now, parse, usage)
+from geb.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    completion_chunk,
+    invalid,
+    new_id,
+    now,
+    parse,
+    usage,
+)
 from geb.serve.scheduler import Busy, Scheduler, Ticket
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions

@@ -42,7 +42,7 @@ class Update:
 class Ticket:
     """The engine requests of one HTTP request (n choices, several prompts): one queue of (index, Update)."""
 
-    def __init__(self, scheduler: "Scheduler", rids: list[str], prompt_tokens: list[int],
+    def __init__(self, scheduler: Scheduler, rids: list[str], prompt_tokens: list[int],
                  loop: asyncio.AbstractEventLoop):
         self.rids, self.prompt_tokens = rids, prompt_tokens
         self._sched, self._loop = scheduler, loop
@@ -147,7 +147,7 @@ class Scheduler:
                     return
             try:
                 events = self.be.step()
-            except Exception as e:  # a bug or out of memory: fail what is in flight, keep serving
+            except Exception as e:  # noqa: BLE001 - a bug or out of memory: fail what is in flight, keep serving
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
                 continue
