@@ -354,8 +354,33 @@ def main(argv=None) -> int:
         f"llamacpp_vs_geb-{a.config}-{datetime.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out} ({time.time() - t_start:.0f} s)")
+    md = markdown(report)
+    out.with_suffix(".md").write_text(md)
+    print("\n" + md)
+    print(f"wrote {out} and {out.with_suffix('.md').name} ({time.time() - t_start:.0f} s)")
     return 0
+
+
+def markdown(report: dict) -> str:
+    """The summary as a table for docs/benchmarks.md."""
+    st = report["settings"]
+    m = report["machine"]
+    lines = [f"{report['date'][:10]}, {m['cpu']} ({m['physical_cores']} cores), torch {m['torch']}, "
+             f"llama-cpp-python {report['llama_cpp_python']}; `{report['command']}`; {st['threads']} threads, "
+             f"prompt {st['prompt_len']}, {st['new_tokens']} new tokens, {st['reps']} alternating reps (median).",
+             "", "Ratio geb / llama.cpp: above 1 is better for tok/s, below 1 is better for time and memory.", "",
+             "| format | phase | geb | llama.cpp | geb / llama.cpp |", "|---|---|---|---|---|"]
+    names = {"prefill_tok_s": "prefill tok/s", "decode_tok_s": "decode tok/s (empty context)",
+             "decode_at_depth_tok_s": f"decode tok/s (after {st['prompt_len']})", "ttft_s": "time to first token, s"}
+    for fmt, rows in report["summary"].items():
+        for ph, name in names.items():
+            r = rows[ph]
+            ratio = r["geb"] / r["llama.cpp"]
+            lines.append(f"| {fmt} ↔ {GGUF_TYPE[fmt]} | {name} | {r['geb']:.2f} | {r['llama.cpp']:.2f} | {ratio:.2f} |")
+        rss = rows["peak_rss_gib"]
+        lines.append(f"| {fmt} ↔ {GGUF_TYPE[fmt]} | peak RSS, GiB | {rss['geb']:.2f} | {rss['llama.cpp']:.2f} | "
+                     f"{rss['geb'] / rss['llama.cpp']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -58,6 +58,14 @@ def random_runtime(cfg: ModelConfig, fmt: str, group_size: int = 32, seed: int =
     return build_runtime(cfg, get, fmt, group_size, info={"source": "random"})
 
 
+def _current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -117,6 +125,7 @@ def bench_format(spec: dict) -> dict:
     from geb.config import get_preset
 
     torch.set_num_threads(spec["threads"])
+    base_rss = _current_rss_bytes()  # the interpreter and torch, before any weights
     t0 = time.perf_counter()
     if spec.get("model"):
         from geb.infer.weights import load_runtime
@@ -128,7 +137,9 @@ def bench_format(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     rt.set_threads(spec["threads"])
     res = bench_runtime(rt, spec["prompt_len"], spec["new_tokens"], spec.get("reps", 1))
-    res.update({"format": rt.fmt, "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
+    peak = peak_rss_bytes()
+    res.update({"format": rt.fmt, "load_s": load_s, "peak_rss_bytes": peak, "base_rss_bytes": base_rss,
+                "peak_over_weights_kv": (peak - base_rss) / (res["weight_bytes"] + res["kv_cache_bytes"]),
                 "group_size": rt.info.get("group_size"), "head_format": rt.info.get("head_format"),
                 "embedding_format": rt.info.get("embedding_format")})
     return res
@@ -170,7 +181,9 @@ def run_bench(specs: list[dict], isolate: bool = True, log=print, omp_wait_polic
 def format_row(r: dict) -> str:
     return (f"{r['format']:>5} t{r['threads']}: prefill {r['prefill_tok_s']:8.1f} tok/s  ttft {r['ttft_s']:6.3f} s  "
             f"decode {r['decode_tok_s']:7.2f} tok/s  @{r['prompt_len']}: {r['decode_at_depth_tok_s']:7.2f} tok/s  "
-            f"weights {r['weight_bytes'] / 2**20:8.1f} MiB  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB")
+            f"weights {r['weight_bytes'] / 2**20:8.1f} MiB  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB"
+            + (f" ({r['peak_over_weights_kv']:.2f}x weights+KV above the {r['base_rss_bytes'] / 2**20:.0f} MiB "
+               "of torch itself)" if "peak_over_weights_kv" in r else ""))
 
 
 _READ_LOOP = r"""
