@@ -125,3 +125,18 @@ def test_perplexity_per_format_close_to_fp32(tiny_model_dir):
     assert 100 < ppl["fp32"] < 2000
     assert abs(ppl["int8"] / ppl["fp32"] - 1) < 0.01
     assert abs(ppl["int4"] / ppl["fp32"] - 1) < 0.05
+
+
+def test_int4_from_packed_layout_only():
+    """A loaded int4 layer drops its nibbles and reads codes back from torch's packed layout."""
+    w = torch.randn(192, 128, generator=torch.Generator().manual_seed(2)) * 0.05
+    full = Int4Linear.from_float(w, 32)
+    packed_only = Int4Linear(full.nibbles, full.sz, 32, 128, keep_nibbles=False)
+    assert packed_only._nibbles is None
+    assert torch.equal(packed_only.nibbles, full.nibbles)
+    assert torch.equal(packed_only.dequantize(), full.dequantize())
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(3))  # >= 32 rows: prefill path
+    ref = x.bfloat16().float() @ full.dequantize().T
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(packed_only(x), ref, rtol=2e-2, atol=2e-2 * scale)
+    torch.testing.assert_close(packed_only(x[:3]), ref[:3], rtol=2e-2, atol=2e-2 * scale)  # decode kernel
