@@ -351,6 +351,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         fn(ctx)
         timings[name] = round(time.time() - t, 1)
         ctx.say(f"{name} done in {timings[name]}s")
+    from geb.serve import serve_command
+
+    ctx.sections.append("## Serve it\n\nAn OpenAI-compatible server with a web chat page at http://127.0.0.1:8000/:\n\n```bash\n"
+                        + serve_command(ctx.path("ckpt", "dpo")) + "\n```\n")
     summary = {"created": now_iso(), "config": asdict(cfg), "results": ctx.results, "stage_seconds": timings,
                "total_seconds": round(time.time() - ctx.t0, 1)}
     (ctx.out / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
