@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("geb.commands.pretrain", "pretrain a model on packed token shards (resumable)"),
     "generate": ("geb.commands.generate", "generate text from a prompt with a model folder"),
     "chat": ("geb.commands.chat", "multi-turn chat in the terminal, streaming"),
+    "eval": ("geb.commands.eval", "evaluate: MMLU/C-Eval/CMMLU, perplexity, toxicity, compare runs"),
     "quickstart": ("geb.commands.quickstart", "run the whole recipe on a built-in bilingual corpus"),
 }
 
