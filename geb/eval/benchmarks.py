@@ -13,6 +13,7 @@ Malformed rows are skipped and counted with file:line and the reason; they never
 from __future__ import annotations
 
 import csv
+import io
 import functools
 import hashlib
 import json
@@ -126,8 +127,8 @@ def read_rows(spec: Spec, path: Path, skipped: list[str], need_answer: bool = Tr
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise GebError(f"{path}: not UTF-8 text ({e})") from None
-    lines = text.splitlines(keepends=True)
-    reader = csv.reader(lines)
+    # csv splits records on \r and \n only (str.splitlines would also split on \x1c, \x85, \u2028 ...)
+    reader = csv.reader(io.StringIO(text, newline=""))
     items: list[Item] = []
     start = 1
     first = True
