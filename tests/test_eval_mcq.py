@@ -63,12 +63,20 @@ def write_mmlu(root: Path, subjects: dict[str, tuple[int, int]], seed: int = 1) 
     return root
 
 
-def long_context_copy(src: Path, dst: Path, max_seq_len: int = 1024) -> Path:
-    """The same weights with a longer context (RoPE tables only depend on the config)."""
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["max_seq_len"] = max_seq_len
-    (dst / "config.json").write_text(json.dumps(cfg))
+def sharp_copy(src: Path, dst: Path, max_seq_len: int | None = None, scale: float = 8.0) -> Path:
+    """The tiny random model with its weights scaled up, so that context visibly changes its
+    predictions (at init scale a 2-layer model is almost a bigram model, which would let a wrong
+    cache or window pass unnoticed); optionally with a longer context (RoPE depends only on config)."""
+    from geb.checkpoint import load_model, save_checkpoint
+
+    model, tok, _ = load_model(src)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(scale)
+    if max_seq_len:
+        model.cfg = model.cfg.replace(max_seq_len=max_seq_len)
+    save_checkpoint(dst, model, tok, {"stage": "random", "parent": str(src)})
     return dst
 
 
@@ -84,14 +92,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def long_model_dir(tiny_model_dir, tmp_path_factory):
-    return long_context_copy(tiny_model_dir, tmp_path_factory.mktemp("eval") / "tiny-1k")
+    return sharp_copy(tiny_model_dir, tmp_path_factory.mktemp("eval") / "sharp-1k", max_seq_len=1024)
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
+def loaded(long_model_dir):
     from geb.checkpoint import load_model
 
-    model, tok, _ = load_model(tiny_model_dir)
+    model, tok, _ = load_model(long_model_dir)
     return model, tok
 
 
@@ -110,6 +118,9 @@ def test_scorer_loglikelihood_is_exact_and_prefix_cache_changes_nothing(loaded):
     assert ctx + cont == tok.encode("The capital of France is Paris. Water boils at 100 degrees")
     got = sc.loglikelihood([(ctx, cont)])[0][0]
     assert got == pytest.approx(_manual_logprob(model, tok, ctx, cont), abs=1e-4)
+    # the model is context-sensitive, so a cache or window bug cannot hide
+    other = sc.loglikelihood([sc.encode_pair("熊猫生活在四川。The capital of France is", " Paris")])[0][0]
+    assert abs(other - sc.loglikelihood([sc.encode_pair("Water boils. The capital of France is", " Paris")])[0][0]) > 0.05
     # rows continuing a shared prefix: with the prefix in a KV cache == the full sequence without it
     prefix = tok.encode("北京是中国的首都。")
     rows = [Row(tok.encode(t), []) for t in ("熊猫生活在", " In 2024, 3 cats", "水", "def add(a, b):")]
