@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("geb.commands.chat", "multi-turn chat in the terminal, streaming"),
     "eval": ("geb.commands.eval", "evaluate: MMLU/C-Eval/CMMLU, perplexity, toxicity, compare runs"),
     "quickstart": ("geb.commands.quickstart", "run the whole recipe on a built-in bilingual corpus"),
+    "quantize": ("geb.commands.quantize", "quantize a model folder to bf16, int8 or int4"),
+    "bench": ("geb.commands.bench", "measure inference speed and memory per format"),
 }
 
 
