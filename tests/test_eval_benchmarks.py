@@ -105,6 +105,22 @@ def test_unknown_subject_is_kept_under_other(tmp_path):
     assert s.name == "geb_facts" and s.categories == ["Other"] and not s.known
 
 
+def test_subject_mapping_file_and_argument(tmp_path):
+    import json
+
+    write_csv(tmp_path / "val" / "geb_facts_val.csv", [["0", "q", "a", "b", "c", "d", "A", ""]], CEVAL_HEADER)
+    write_csv(tmp_path / "val" / "law_val.csv", [["0", "q", "a", "b", "c", "d", "A", ""]], CEVAL_HEADER)
+    (tmp_path / "subject_mapping.json").write_text(json.dumps({"geb_facts": ["GEB Facts", "事实", "STEM"]}))
+    b = load_benchmark("ceval", tmp_path)
+    facts = next(s for s in b.subjects if s.name == "geb_facts")
+    assert (facts.en, facts.zh, facts.categories, facts.known) == ("GEB Facts", "事实", ["STEM"], True)
+    b = load_benchmark("ceval", tmp_path, subject_map={"law": ["Law!", "法", ["Other"]]})
+    assert next(s for s in b.subjects if s.name == "law").categories == ["Other"]
+    (tmp_path / "subject_mapping.json").write_text(json.dumps({"geb_facts": "STEM"}))
+    with pytest.raises(GebError, match="subject_mapping.json: subject 'geb_facts'"):
+        load_benchmark("ceval", tmp_path)
+
+
 def test_layout_errors_name_the_problem(tmp_path):
     with pytest.raises(GebError, match="not found"):
         load_benchmark("ceval", tmp_path / "missing")

@@ -77,9 +77,14 @@ def subject_maps() -> dict:
     return json.loads((Path(__file__).with_name("subjects.json")).read_text(encoding="utf-8"))
 
 
-def subject_info(benchmark: str, name: str) -> tuple[str, str, list[str], bool]:
-    """(English name, Chinese name, categories, known) for a subject of a benchmark."""
+def subject_info(benchmark: str, name: str, extra: dict | None = None) -> tuple[str, str, list[str], bool]:
+    """(English name, Chinese name, categories, known) for a subject of a benchmark; `extra` maps
+    more subjects the same way ({name: [en, zh, category or [categories]]}) and wins over the
+    built-in map."""
     m = subject_maps()[benchmark]["subjects"]
+    if extra and name in extra:
+        en, zh, cats = extra[name]
+        return en, zh, [cats] if isinstance(cats, str) else list(cats), True
     if name in m:
         en, zh, cats = m[name]
         return en, zh, list(cats), True
@@ -181,9 +186,26 @@ def _hash_files(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def read_subject_mapping(path: Path) -> dict:
+    """C-Eval's `subject_mapping.json` format: {subject: [English name, Chinese name, category]}."""
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GebError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(m, dict):
+        raise GebError(f"{path}: expected an object {{subject: [English, Chinese, category]}}")
+    for k, v in m.items():
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, str) for x in v[:2])
+                and isinstance(v[2], (str, list))):
+            raise GebError(f"{path}: subject {k!r}: expected [English name, Chinese name, category]")
+    return m
+
+
 def load_benchmark(name: str, data_dir: str | Path, split: str | None = None,
-                   subjects: list[str] | None = None) -> Benchmark:
-    """Read a benchmark folder. `subjects` limits it to those names (unknown names are an error)."""
+                   subjects: list[str] | None = None, subject_map: dict | None = None) -> Benchmark:
+    """Read a benchmark folder. `subjects` limits it to those names (unknown names are an error).
+    Names and categories come from the built-in map, overridden by a `subject_mapping.json` in the
+    folder (C-Eval's format) and then by `subject_map` (same format)."""
     if name not in SPECS:
         raise GebError(f"unknown benchmark {name!r} (choose from: {', '.join(SPECS)})")
     spec = SPECS[name]
@@ -203,13 +225,19 @@ def load_benchmark(name: str, data_dir: str | Path, split: str | None = None,
                            f"(available: {', '.join(chosen[:8])}{' ...' if len(chosen) > 8 else ''})")
         chosen = [s for s in chosen if s in set(subjects)]
     maps = subject_maps()[name]
+    extra = {}
+    for cand in (root / "subject_mapping.json", root.parent / "subject_mapping.json"):
+        if cand.is_file():
+            extra.update(read_subject_mapping(cand))
+            break
+    extra.update(subject_map or {})
     categories = {k: tuple(v) for k, v in maps["categories"].items()}
     skipped: list[str] = []
     out: list[Subject] = []
     empty: list[str] = []
     used: list[Path] = []
     for s in chosen:
-        en, zh, cats, known = subject_info(name, s)
+        en, zh, cats, known = subject_info(name, s, extra)
         for c in cats:
             categories.setdefault(c, (c, c))
         subj = Subject(s, en, zh, cats, known=known)

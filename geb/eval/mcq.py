@@ -123,12 +123,13 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: 
              limit: int | None = None, subjects: list[str] | None = None, split: str | None = None,
              out_dir=None, batch_size: int = 8, model=None, tokenizer=None, name: str | None = None,
              chat: bool = False, max_new_tokens: int = 256, reuse_prefix: bool = True, progress=None,
-             keep_predictions: bool = False) -> dict:
+             keep_predictions: bool = False, subject_map: dict | None = None) -> dict:
     """Evaluate a model folder (or a loaded `model` + `tokenizer`) on a benchmark folder.
 
     Returns the results dict (also written as results.json / results.md / categories.png /
     predictions.jsonl under out_dir when given). `limit` caps items per subject; `progress` is called
-    with a one-line message per subject.
+    with a one-line message per subject. `subject_map` ({subject: [English, Chinese, category]})
+    names and places subjects the built-in maps do not know (e.g. the quickstart's).
     """
     from geb import __version__
     from geb.checkpoint import load_model, now_iso, read_meta
@@ -140,7 +141,7 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: 
         raise GebError("--shots must be >= 0")
     if limit is not None and limit <= 0:
         raise GebError("--limit must be a positive number of items per subject")
-    bench = load_benchmark(benchmark, data_dir, split=split, subjects=subjects)
+    bench = load_benchmark(benchmark, data_dir, split=split, subjects=subjects, subject_map=subject_map)
     meta = {}
     if model is None:
         if model_dir is None:
