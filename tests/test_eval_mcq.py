@@ -292,3 +292,26 @@ def test_real_benchmark_smoke(bench, subjects, tiny_model_dir, tmp_path):
         assert set(r["categories"]) == {"STEM", "Humanities"}
     # 5-shot real prompts do not fit a 128-token context: reported, never silent
     assert r["truncation"]["items_with_fewer_shots"] == 4 and r["notes"]
+
+
+def test_quantized_folders_are_scored_through_the_engine(tmp_path, long_model_dir, loaded):
+    from geb.eval.scoring import RuntimeScorer
+    from geb.infer.engine import Engine
+    from geb.infer.weights import quantize_folder
+
+    model, tok = loaded
+    # the engine path computes the same log-probs as the model path (fp32 runtime)
+    eng = Engine(model, tok)
+    rs, sc = RuntimeScorer(eng), Scorer(model, tok)
+    pairs = [sc.encode_pair("The capital of France is", c) for c in (" Paris", " Rome and Oslo")]
+    assert [x[0] for x in rs.loglikelihood(pairs)] == pytest.approx([x[0] for x in sc.loglikelihood(pairs)], abs=1e-3)
+    ids = tok.encode("北京是中国的首都。" * 40)
+    assert rs.rolling(ids)[0] == pytest.approx(sc.rolling(ids)[0], rel=1e-4)
+    # an int8 folder: evaluated, recorded as such, close to full precision
+    data = write_ceval(tmp_path / "ce", {"law": (2, 4)})
+    q = quantize_folder(long_model_dir, tmp_path / "int8", "int8")
+    a = evaluate(q, "ceval", data, shots=2, keep_predictions=True)
+    b = evaluate(long_model_dir, "ceval", data, shots=2, keep_predictions=True)
+    assert a["model"]["format"] == "int8" and b["model"]["format"] == "fp32"
+    for pa, pb in zip(a["predictions"], b["predictions"]):
+        assert pa["logprobs"] == pytest.approx(pb["logprobs"], abs=0.5)

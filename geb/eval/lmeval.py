@@ -40,18 +40,31 @@ class GebLM(_LMBase):
                  max_batch_size=None, **_ignored):
         _require()
         super().__init__()
-        from geb.checkpoint import load_model
-        from geb.eval.scoring import Scorer
-        from geb.infer.engine import Engine
+        from geb.eval.scoring import Scorer, is_quantized, load_scorer
 
         if not path:
             raise GebError("the geb lm-eval model needs model_args path=<model folder>")
         bs = int(batch_size) if str(batch_size).isdigit() and int(batch_size) > 0 else 8
-        model, tok, _ = load_model(path, device=_device(device))
+        bs = bs if bs > 1 else 8
+        max_len = int(max_length) if max_length else None
+        if is_quantized(path) or _device(device) == "cpu":
+            self.scorer, tok, _, self._engine = load_scorer(path, batch_size=bs, max_len=max_len)
+        else:  # a GPU: the full model on it (the engine's runtime is CPU-only)
+            from geb.checkpoint import load_model
+
+            model, tok, _ = load_model(path, device=_device(device))
+            self.scorer, self._engine = Scorer(model, tok, batch_size=bs, max_len=max_len), None
         self.path = str(path)
         self.tok = tok
-        self.scorer = Scorer(model, tok, batch_size=bs if bs > 1 else 8, max_len=int(max_length) if max_length else None)
-        self.engine = Engine(model, tok)
+
+    @property
+    def engine(self):
+        """The generation engine, built on first use (scoring-only tasks never need it)."""
+        if self._engine is None:
+            from geb.infer.engine import Engine
+
+            self._engine = Engine(self.scorer.model, self.tok)
+        return self._engine
 
     # -- lm-eval interface ----------------------------------------------------------------------
     @property
@@ -120,10 +133,14 @@ def _device(device: str | None) -> str:
 def register() -> None:
     """Make `geb` a model name in lm-eval's registry (idempotent)."""
     _require()
-    from lm_eval.api.registry import model_registry
+    from lm_eval.api import registry
 
-    if "geb" not in model_registry:
-        model_registry.register("geb")(GebLM)
+    try:
+        if registry.get_model("geb") is GebLM:
+            return
+    except (ValueError, KeyError):
+        pass
+    registry.register_model("geb")(GebLM)
 
 
 def main(argv: list[str] | None = None) -> None:

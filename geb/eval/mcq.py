@@ -16,7 +16,7 @@ from pathlib import Path
 from geb.errors import GebError
 from geb.eval import prompts
 from geb.eval.benchmarks import LETTERS, Benchmark, Subject, load_benchmark
-from geb.eval.scoring import Row, Scorer
+from geb.eval.scoring import Row, Scorer, load_scorer
 
 HEADLINE = "micro"  # accuracy over all items (lm-eval's size-weighted group score; MMLU's "average")
 
@@ -132,7 +132,7 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: 
     names and places subjects the built-in maps do not know (e.g. the quickstart's).
     """
     from geb import __version__
-    from geb.checkpoint import load_model, now_iso, read_meta
+    from geb.checkpoint import now_iso, read_meta
 
     prompts.check_protocol(protocol)
     if data_dir is None:
@@ -143,13 +143,15 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: 
         raise GebError("--limit must be a positive number of items per subject")
     bench = load_benchmark(benchmark, data_dir, split=split, subjects=subjects, subject_map=subject_map)
     meta = {}
+    engine = None
     if model is None:
         if model_dir is None:
             raise GebError("no model given (--model)")
-        model, tokenizer, meta = load_model(model_dir)
-    elif model_dir is not None:
-        meta = read_meta(model_dir)
-    scorer = Scorer(model, tokenizer, batch_size=batch_size)
+        scorer, tokenizer, meta, engine = load_scorer(model_dir, batch_size=batch_size)
+    else:
+        if model_dir is not None:
+            meta = read_meta(model_dir)
+        scorer = Scorer(model, tokenizer, batch_size=batch_size)
     conts = prompts.continuations(protocol, benchmark)
     tok_conts = [scorer.encode_pair("Answer:", c)[1] for c in conts]
     if len({tuple(c) for c in tok_conts}) < 4 or not all(tok_conts):
@@ -157,11 +159,10 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: 
     n_shots = 0 if protocol == "cot" else shots
     stats = {"items_with_fewer_shots": 0, "shots_dropped": 0, "items_left_truncated": 0, "prefix_mismatch": 0}
     cot_stats = {"unanswered": 0}
-    engine = None
-    if protocol == "cot":
+    if protocol == "cot" and engine is None:
         from geb.infer.engine import Engine
 
-        engine = Engine(model, tokenizer)
+        engine = Engine(scorer.model, tokenizer)
     per_subject: dict[str, dict] = {}
     predictions: list[dict] = []
     dev_short: dict[str, int] = {}
@@ -217,8 +218,8 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: 
         "benchmark": benchmark, "benchmark_title": bench.spec.title, "split": bench.split,
         "protocol": protocol, "shots": n_shots, "limit": limit, "chat": chat if protocol == "cot" else False,
         "model": {"path": model_path, "name": name or (Path(model_dir).name if model_dir else "model"),
-                  "stage": meta.get("stage"), "parameters": model.num_params(), "tokenizer_hash": tokenizer.hash(),
-                  "context": scorer.max_len},
+                  "stage": meta.get("stage"), "parameters": scorer.cfg.num_params(), "tokenizer_hash": tokenizer.hash(),
+                  "context": scorer.max_len, "format": engine.format if engine is not None and scorer.model is None else "fp32"},
         "data": {"dir": str(bench.root), "hash": bench.data_hash, "subjects": len(per_subject)},
         "date": now_iso(), "geb_version": __version__,
         "headline": {"metric": HEADLINE, "accuracy": overall[HEADLINE]},

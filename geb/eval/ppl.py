@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from geb.errors import GebError
-from geb.eval.scoring import Scorer, bits_per_byte
+from geb.eval.scoring import Scorer, bits_per_byte, load_scorer
 
 
 def _check_tokens(data, tok, model_vocab: int, folder: Path) -> None:
@@ -33,7 +33,7 @@ def perplexity(model_dir=None, data=None, split: str = "val", max_tokens: int | 
                stride: int | None = None, model=None, tokenizer=None, out=None) -> dict:
     """Score `data` (a UTF-8 text file or a token folder) and return the figures as a dict."""
     from geb import __version__
-    from geb.checkpoint import load_model, now_iso
+    from geb.checkpoint import now_iso
 
     if data is None:
         raise GebError("no data given (--data FILE or token folder)")
@@ -41,18 +41,19 @@ def perplexity(model_dir=None, data=None, split: str = "val", max_tokens: int | 
     if model is None:
         if model_dir is None:
             raise GebError("no model given (--model)")
-        model, tokenizer, _ = load_model(model_dir)
+        scorer, tokenizer, _, _ = load_scorer(model_dir)
+    else:
+        scorer = Scorer(model, tokenizer)
     if stride is not None and stride <= 0:
         raise GebError("--stride must be positive")
     if max_tokens is not None and max_tokens <= 0:
         raise GebError("--max-tokens must be positive")
-    scorer = Scorer(model, tokenizer)
     t0 = time.perf_counter()
     if path.is_dir():
         from geb.data.tokens import TokenData
 
         td = TokenData(path)
-        _check_tokens(td, tokenizer, model.cfg.vocab_size, path)
+        _check_tokens(td, tokenizer, scorer.cfg.vocab_size, path)
         if split not in td.splits():
             raise GebError(f"{path}: no split '{split}' (has: {', '.join(td.splits())})")
         arr = td.array(split)

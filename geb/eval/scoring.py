@@ -175,5 +175,82 @@ class Scorer:
         return total, n
 
 
+class RuntimeScorer(Scorer):
+    """Scoring through the inference engine (for quantized folders, which have no GEB module): one
+    sequence at a time over the engine's full logits, the prefix recomputed for every row."""
+
+    def __init__(self, engine, max_len: int | None = None):
+        self.engine = engine
+        self.model = None
+        self.tok = engine.tok
+        self.cfg = engine.cfg
+        self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        self.batch_size = 1
+        self.n_vocab = self.tok.vocab_size
+        self.device = torch.device("cpu")
+        self.prefix_forwards = 0
+
+    def _seq_log_probs(self, ids: list[int]) -> torch.Tensor:
+        logits = self.engine.logits(ids).float()
+        if self.n_vocab < logits.shape[-1]:
+            logits[:, self.n_vocab:] = float("-inf")
+        return torch.log_softmax(logits, dim=-1)
+
+    @torch.inference_mode()
+    def score_rows(self, rows: list[Row], prefix: list[int] | None = None) -> list[list[tuple[float, bool]]]:
+        prefix = prefix or []
+        out = []
+        for r in rows:
+            if len(prefix) + len(r.ids) > self.max_len:
+                raise GebError(f"internal: {len(prefix)} + {len(r.ids)} tokens exceed the context {self.max_len}")
+            lp = self._seq_log_probs(prefix + r.ids)
+            res = []
+            for pos, toks in r.targets:
+                rows_lp = lp[len(prefix) + pos : len(prefix) + pos + len(toks)]
+                t = torch.tensor(toks)
+                res.append((float(rows_lp.gather(1, t[:, None]).sum()), bool((rows_lp.argmax(-1) == t).all())))
+            out.append(res)
+        return out
+
+    @torch.inference_mode()
+    def rolling(self, ids: list[int], stride: int | None = None, chunk: int = 512) -> tuple[float, int]:
+        n = len(ids)
+        stride = min(stride or self.max_len, self.max_len)
+        seq = [self.tok.eos_id] + list(ids)
+        total, k = 0.0, 0
+        while k < n:
+            end = min(k + stride, n)
+            start = max(0, end - self.max_len)
+            lp = self._seq_log_probs(seq[start:end])[k - start:]
+            total += float(lp.gather(1, torch.tensor(ids[k:end])[:, None]).sum())
+            k = end
+        return total, n
+
+
+def is_quantized(folder) -> bool:
+    """A folder written by `geb quantize` (its config.json carries a "quantization" field)."""
+    import json
+    from pathlib import Path
+
+    f = Path(folder) / "config.json"
+    try:
+        return bool(json.loads(f.read_text()).get("quantization"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_scorer(folder, batch_size: int = 8, max_len: int | None = None):
+    """(scorer, tokenizer, meta, engine or None) for a full-precision or a quantized model folder."""
+    if is_quantized(folder):
+        from geb.infer.engine import Engine
+
+        engine = Engine.from_folder(folder)
+        return RuntimeScorer(engine, max_len), engine.tok, dict(getattr(engine, "meta", {}) or {}), engine
+    from geb.checkpoint import load_model
+
+    model, tok, meta = load_model(folder)
+    return Scorer(model, tok, batch_size=batch_size, max_len=max_len), tok, meta, None
+
+
 def bits_per_byte(logprob: float, n_bytes: int) -> float:
     return -logprob / math.log(2) / max(n_bytes, 1)
