@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -314,4 +313,4 @@ def test_quantized_folders_are_scored_through_the_engine(tmp_path, long_model_di
     b = evaluate(long_model_dir, "ceval", data, shots=2, keep_predictions=True)
     assert a["model"]["format"] == "int8" and b["model"]["format"] == "fp32"
     for pa, pb in zip(a["predictions"], b["predictions"]):
-        assert pa["logprobs"] == pytest.approx(pb["logprobs"], abs=0.5)
+        assert pa["logprobs"] == pytest.approx(pb["logprobs"], abs=0.3)  # int8 rounding (0.1 seen)

@@ -97,7 +97,8 @@ def run(args) -> int:
         for n in r["notes"]:
             print(f"note: {n}")
         print(f"{r['benchmark_title']} {r['protocol']} {r['shots']}-shot: {pct(r['headline']['accuracy'])} "
-              f"({r['headline']['metric']} average, {r['overall']['n']} items, {r['speed']['items_per_s']} items/s) → {out}")
+              f"({r['headline']['metric']} average, {r['overall']['n']} items, "
+              f"{r['speed']['items_per_s']} items/s) → {out}")
         return 0
     if cmd == "ppl":
         from geb.eval.ppl import perplexity

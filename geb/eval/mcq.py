@@ -92,7 +92,8 @@ def _cot_subject(engine, protocol_bench: str, subj: Subject, items: list, chat: 
             ids, _ = tok.render_chat([{"role": "user", "content": prompts.cot_chat_message(protocol_bench, subj, it)}],
                                      add_generation_prompt=True)
         else:
-            ids = tok.encode(prompts.description("cot", protocol_bench, subj) + prompts.question("cot", protocol_bench, it))
+            text = prompts.description("cot", protocol_bench, subj) + prompts.question("cot", protocol_bench, it)
+            ids = tok.encode(text)
         room = max(16, min(max_new, L // 4))
         if len(ids) > L - room:
             ids = ids[-(L - room):]
@@ -204,7 +205,8 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: 
         notes.append(f"{stats['items_with_fewer_shots']} prompt(s) were longer than the model's context "
                      f"({scorer.max_len} tokens): their oldest shots were dropped ({stats['shots_dropped']} in all)")
     if stats["items_left_truncated"]:
-        notes.append(f"{stats['items_left_truncated']} prompt(s) did not fit even without shots and were cut from the left")
+        notes.append(f"{stats['items_left_truncated']} prompt(s) did not fit even without shots "
+                     "and were cut from the left")
     if bench.skipped:
         notes.append(f"{len(bench.skipped)} malformed row(s) skipped (first: {bench.skipped[0]})")
     if bench.empty_subjects:
@@ -219,7 +221,8 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: 
         "protocol": protocol, "shots": n_shots, "limit": limit, "chat": chat if protocol == "cot" else False,
         "model": {"path": model_path, "name": name or (Path(model_dir).name if model_dir else "model"),
                   "stage": meta.get("stage"), "parameters": scorer.cfg.num_params(), "tokenizer_hash": tokenizer.hash(),
-                  "context": scorer.max_len, "format": engine.format if engine is not None and scorer.model is None else "fp32"},
+                  "context": scorer.max_len,
+                  "format": engine.format if engine is not None and scorer.model is None else "fp32"},
         "data": {"dir": str(bench.root), "hash": bench.data_hash, "subjects": len(per_subject)},
         "date": now_iso(), "geb_version": __version__,
         "headline": {"metric": HEADLINE, "accuracy": overall[HEADLINE]},

@@ -102,7 +102,8 @@ def compare_markdown(runs: list[dict]) -> str:
     for m in models:
         cells = []
         for b, p, k in cols:
-            hit = [r for r in runs if r["model"]["name"] == m and (r["benchmark"], r["protocol"], r["shots"]) == (b, p, k)]
+            hit = [r for r in runs
+                   if r["model"]["name"] == m and (r["benchmark"], r["protocol"], r["shots"]) == (b, p, k)]
             cells.append(pct(hit[-1]["headline"]["accuracy"]) if hit else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     out = ["\n".join(lines) + "\n"]

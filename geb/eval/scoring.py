@@ -49,6 +49,8 @@ class Scorer:
         self.n_vocab = tokenizer.vocab_size
         self.device = next(model.parameters()).device
         self.prefix_forwards = 0  # how many prefixes were computed (for reporting cache reuse)
+        self.max_batch_tokens = 2048
+        self.min_fill = 0.7
 
     # -- tokenization ---------------------------------------------------------------------------
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -68,7 +70,8 @@ class Scorer:
         """encode_pair for several continuations of one context, encoding the context once."""
         n = len(context) - len(context.rstrip())
         if n:
-            return self.encode_pair(context, continuations[0])[0], [self.encode_pair(context, c)[1] for c in continuations]
+            ctx = self.encode_pair(context, continuations[0])[0]
+            return ctx, [self.encode_pair(context, c)[1] for c in continuations]
         if not context:
             return [self.tok.eos_id], [self.tok.encode(c) for c in continuations]
         ctx, *wholes = self.tok.encode_batch([context] + [context + c for c in continuations])
@@ -93,6 +96,23 @@ class Scorer:
         cache.pos = p
         return cache
 
+    def _batches(self, order: list[int], rows: list[Row]) -> list[list[int]]:
+        """Split rows (longest first) into batches that waste little on padding: a batch closes when
+        full, when it would pass `max_batch_tokens` padded tokens, or when the next row is under
+        `min_fill` of its first row's length (padding is pure extra compute on a large model)."""
+        out: list[list[int]] = []
+        for i in order:
+            n = len(rows[i].ids)
+            if out:
+                cur = out[-1]
+                t = len(rows[cur[0]].ids)
+                if len(cur) < self.batch_size and t * (len(cur) + 1) <= max(self.max_batch_tokens, t) \
+                        and n >= self.min_fill * t:
+                    cur.append(i)
+                    continue
+            out.append([i])
+        return out
+
     @torch.inference_mode()
     def score_rows(self, rows: list[Row], prefix: list[int] | None = None) -> list[list[tuple[float, bool]]]:
         """For each row, [(sum log-prob, all greedy)] per target. With `prefix`, every row continues
@@ -107,8 +127,7 @@ class Scorer:
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
         cache = self._prefix_cache(prefix, min(self.batch_size, len(rows)), longest) if prefix else None
         pad = self.tok.eos_id
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s : s + self.batch_size]
+        for idx in self._batches(order, rows):
             t = len(rows[idx[0]].ids)
             ids = torch.full((len(idx), t), pad, dtype=torch.long)
             for b, i in enumerate(idx):

@@ -201,8 +201,8 @@ def toxicity(model_dir=None, prompts_dir=None, kind: str = "hate", groups: list[
             conts.append(engine.generate(ids, sp).text.strip())
         scores = clf.scores(conts)
         tox = sum(s >= threshold for s in scores)
-        per_group[g] = {"title": group_title(g), "n": len(conts), "toxic": tox, "percent_toxic": 100.0 * tox / len(conts),
-                        "mean_score": sum(scores) / len(scores)}
+        per_group[g] = {"title": group_title(g), "n": len(conts), "toxic": tox,
+                        "percent_toxic": 100.0 * tox / len(conts), "mean_score": sum(scores) / len(scores)}
         samples += [{"group": g, "prompt_tail": p.split("\n")[-2][:200] if "\n" in p else p[:200],
                      "continuation": c, "score": s} for p, c, s in zip(prompts, conts, scores)]
         if progress:
