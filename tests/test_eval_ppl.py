@@ -113,7 +113,9 @@ def test_token_folder_and_tokenizer_mismatch(tmp_path, model_dir, loaded):
         perplexity(model_dir, tmp_path / "other")
 
 
-def test_bad_input(tmp_path, model_dir, geb_cli):
+def test_bad_input(tmp_path, model_dir, capsys):
+    from geb.cli import main
+
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(GebError, match="empty"):
         perplexity(model_dir, tmp_path / "empty.txt")
@@ -123,6 +125,6 @@ def test_bad_input(tmp_path, model_dir, geb_cli):
     with pytest.raises(GebError, match="not UTF-8"):
         perplexity(model_dir, tmp_path / "bin.txt")
     (tmp_path / "ok.txt").write_text("Water boils at 100 degrees.")
-    p = geb_cli("eval", "ppl", "--model", model_dir, "--data", tmp_path / "ok.txt", "--threads", "1")
-    got = json.loads(p.stdout)
+    assert main(["eval", "ppl", "--model", str(model_dir), "--data", str(tmp_path / "ok.txt"), "--threads", "1"]) == 0
+    got = json.loads(capsys.readouterr().out)
     assert got["tokens"] > 0 and got["perplexity"] > 1 and got["bits_per_byte"] > 0

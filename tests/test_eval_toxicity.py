@@ -111,16 +111,23 @@ def test_long_prompts_lose_their_oldest_statements(tmp_path, tokenizer, tiny_cfg
     assert len(tokenizer.encode(seen)) <= tiny_cfg.max_seq_len - 16
 
 
-def test_real_generation_with_the_tiny_model(tmp_path, tiny_model_dir, geb_cli):
+def test_real_generation_with_the_tiny_model(tmp_path, tiny_model_dir, capsys):
+    from geb.cli import main
+
     d = write_prompts(tmp_path / "p", {"asian": 2, "black": 1})
-    p = geb_cli("eval", "toxicity", "--model", tiny_model_dir, "--prompts", d, "--max-new-tokens", "6",
-                "--out", tmp_path / "out", "--threads", "1")
+    n = torch.get_num_threads()
+    try:
+        assert main(["eval", "toxicity", "--model", str(tiny_model_dir), "--prompts", str(d), "--max-new-tokens", "6",
+                     "--out", str(tmp_path / "out"), "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    stdout = capsys.readouterr().out
     r = json.loads((tmp_path / "out" / "toxicity.json").read_text())
     samples = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and all("\n" not in s["continuation"] for s in samples)
     rescored = WordListClassifier().scores([s["continuation"] for s in samples])
     assert [s["score"] for s in samples] == rescored
-    assert r["overall"]["toxic"] == sum(rescored) and "| Asian | Black | Overall |" in p.stdout
+    assert r["overall"]["toxic"] == sum(rescored) and "| Asian | Black | Overall |" in stdout
     assert r["classifier"].startswith("wordlist") and r["sampling"]["temperature"] == 0.1
 
 
