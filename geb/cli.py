@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("geb.commands.generate", "generate text from a prompt with a model folder"),
     "chat": ("geb.commands.chat", "multi-turn chat in the terminal, streaming"),
     "quickstart": ("geb.commands.quickstart", "run the whole recipe on a built-in bilingual corpus"),
+    "export": ("geb.commands.export", "export a model folder to Hugging Face (transformers) or GGUF (llama.cpp)"),
+    "import": ("geb.commands.importer", "import the released GEB-1.3B, a Hugging Face Llama or a GGUF file"),
 }
 
 
