@@ -217,8 +217,9 @@ def test_llama_cpp_tokenizes_and_generates_like_geb(tmp_path, tokenizer, tiny_cf
     cfg = tiny_cfg.replace(n_layer=3)
     model = _save(tmp_path / "m", cfg, tokenizer, seed=7, scale=4.0)
     export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    # An F32 KV cache (llama.cpp defaults to F16) makes the comparison tight.
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=cfg.max_seq_len, n_threads=2,
-                          n_batch=cfg.max_seq_len, logits_all=True, verbose=False)
+                          n_batch=cfg.max_seq_len, logits_all=True, verbose=False, type_k=0, type_v=0)
     ids = tokenizer.encode(BILINGUAL)
     assert llm.tokenize(BILINGUAL.encode(), add_bos=False, special=False) == ids
     for text in ("2024年3月15日，温度是-3.5°C。", "  multiple   spaces\n\n\nand tabs\t\t!", "日本語とEnglish混合テキスト"):
@@ -229,7 +230,7 @@ def test_llama_cpp_tokenizes_and_generates_like_geb(tmp_path, tokenizer, tiny_cf
     llm.eval(prompt)
     ref = _logits(model, prompt)
     got = torch.from_numpy(np.array(llm.scores[: len(prompt)], dtype=np.float32))
-    assert torch.allclose(got, ref, atol=1e-3 * ref.abs().max().item()), (got - ref).abs().max()
+    assert (got - ref).abs().max().item() <= 1e-4
 
     seq, margins = list(prompt), []
     for _ in range(32):
@@ -244,4 +245,5 @@ def test_llama_cpp_tokenizes_and_generates_like_geb(tmp_path, tokenizer, tiny_cf
         out.append(t)
         if len(out) == 32:
             break
+    llm.close()
     assert out == seq[len(prompt):]
