@@ -75,9 +75,10 @@ class ChatFormat:
 PRESETS: dict[str, ChatFormat] = {
     "chatml": ChatFormat("chatml", "<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n",
                          eos="<|endoftext|>", stop=("<|im_end|>", "<|endoftext|>")),
-    # ChatGLM3's layout (GEB-1.3B shares its vocabulary; whether it shares this format is not known).
+    # ChatGLM3's layout spelled with the GEB-1.3B release's special tokens (GEB-1.3B shares ChatGLM3's
+    # vocabulary; whether it shares this format is not known, so it is only the default guess).
     "chatglm3": ChatFormat("chatglm3", "<|{role}|>\n{content}", "<|assistant|>", prefix="[gMASK]<sop>",
-                           eos="<eos>", stop=("<|user|>", "<|observation|>", "<eos>")),
+                           eos="<eod>", stop=("<|user|>", "<|observation|>", "<eod>")),
     # No special tokens at all: for base models.
     "plain": ChatFormat("plain", "{role}: {content}\n\n", "assistant:", eos="", stop=()),
 }
