@@ -197,6 +197,11 @@ def test_bad_gguf_inputs_leave_no_folder(tmp_path, tokenizer, tiny_cfg, monkeypa
     assert not list(tmp_path.glob("*bad.gguf*"))
     with pytest.raises(GebError, match="q5_0"):
         G.export_gguf(tmp_path / "m", tmp_path / "x.gguf", "q5_0")
+    cfg = (tmp_path / "m" / "config.json").read_text().replace('"rope_dims": 0', '"rope_dims": 8')
+    (bad / "config.json").write_text(cfg)
+    with pytest.raises(GebError, match="rope_dims"):
+        G.export_gguf(bad, tmp_path / "bad.gguf", "f32")
+    assert not list(tmp_path.glob("*bad.gguf*"))
 
 
 def test_cli_export_and_import(tmp_path, tiny_model_dir, geb_cli):

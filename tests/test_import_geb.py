@@ -260,3 +260,43 @@ def test_bad_release_inputs_leave_no_folder(tmp_path, sp_model, release_cfg):
     (rel / "tokenizer.model").write_bytes(sp_model)
     import_geb_release(rel, out)
     assert out.is_dir()
+
+
+def test_imported_release_exports_to_gguf_with_sentencepiece_vocab(tmp_path, sp_model, release_cfg):
+    """The imported folder keeps tokenizer.model; GGUF export writes llama.cpp's SentencePiece vocab."""
+    gguf = pytest.importorskip("gguf")
+    from geb.checkpoint import load_model
+    from geb.export.geb_release import import_geb_release
+    from geb.export.gguf import export_gguf
+    from geb.model import GEB
+
+    model = GEB(release_cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # peaked logits
+    _bf16_round(model)
+    write_release(tmp_path / "rel", model, sp_model)
+    import_geb_release(tmp_path / "rel", tmp_path / "geb", dtype="float32")
+    assert (tmp_path / "geb" / "tokenizer.model").read_bytes() == sp_model
+    info = export_gguf(tmp_path / "geb", tmp_path / "m.gguf", "f32")
+    assert "nmt_nfkc" in info["tokenizer"]["warning"]  # the test's model normalizes; llama.cpp cannot
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    field = lambda k: r.get_field(k).contents()  # noqa: E731
+    _, tok, _ = load_model(tmp_path / "geb")
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    n = sp.get_piece_size()
+    assert field("tokenizer.ggml.model") == "llama" and len(field("tokenizer.ggml.scores")) == release_cfg.vocab_size
+    types = field("tokenizer.ggml.token_type")
+    assert types[n] == 3 and field("tokenizer.ggml.tokens")[n] == "[MASK]" and types[-1] == 5
+    assert field("tokenizer.ggml.eos_token_id") == tok._tok.token_to_id("<eod>")
+    assert field("tokenizer.ggml.eot_token_id") == tok._tok.token_to_id("<|user|>")
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, n_threads=1, n_batch=128,
+                          logits_all=True, verbose=False, type_k=0, type_v=0)
+    for text in (TEXT, "长江是中国最长的河流。全长约六千三百公里", "The sun rises in the east 1234"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text), text
+    ids = sp.encode(TEXT)
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
+    llm.close()
+    assert (got - _logits(model, ids)).abs().max().item() <= 1e-4

@@ -108,8 +108,21 @@ def interleaved_to_half(w: torch.Tensor, n_heads: int, head_dim: int, rot: int) 
 
 
 # -- writing a geb folder ----------------------------------------------------------------------------
+class _TokenizerWithFiles:
+    """Passes a tokenizer to save_checkpoint and writes extra tokenizer files beside it, inside the same
+    atomic folder (e.g. the source SentencePiece model, which GGUF export uses for llama.cpp's vocab)."""
+
+    def __init__(self, tokenizer, files: dict[str, bytes]):
+        self.tokenizer, self.files = tokenizer, files
+
+    def save(self, folder) -> None:
+        self.tokenizer.save(folder)
+        for name, data in self.files.items():
+            (Path(folder) / name).write_bytes(data)
+
+
 def write_geb_folder(out: str | Path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tokenizer, meta: dict,
-                     source: str) -> Path:
+                     source: str, extra_files: dict[str, bytes] | None = None) -> Path:
     """Validate names/shapes against cfg and the tokenizer against the vocabulary, then save atomically."""
     from geb.checkpoint import check_state_dict, save_checkpoint
     from geb.model import GEB
@@ -126,4 +139,6 @@ def write_geb_folder(out: str | Path, cfg: ModelConfig, sd: dict[str, torch.Tens
         raise GebError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding has only "
                        f"{cfg.vocab_size} rows")
     sd = {k: v.contiguous() for k, v in sd.items()}
+    if extra_files:
+        tokenizer = _TokenizerWithFiles(tokenizer, extra_files)
     return save_checkpoint(out, model, tokenizer, meta, state_dict=sd)

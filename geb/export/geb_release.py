@@ -260,7 +260,9 @@ def import_geb_release(path: str | Path, out: str | Path, conv: Conventions = Co
             "conventions": asdict(conv), "release_config": cfg_raw, "tokenizer": tok_info,
             "chat_format": tok.chat_format.to_dict(),
             "note": "the released model's chat prompt format is not known; the chat format is a configurable guess"}
-    return write_geb_folder(out, cfg, sd, tok, meta, source=str(folder))
+    # The SentencePiece model travels along: GGUF export writes llama.cpp's own SentencePiece vocabulary from it.
+    return write_geb_folder(out, cfg, sd, tok, meta, source=str(folder),
+                            extra_files={"tokenizer.model": (folder / "tokenizer.model").read_bytes()})
 
 
 def perplexity(model, ids: list[int]) -> float:

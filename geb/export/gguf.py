@@ -119,10 +119,8 @@ def _token_text(tc: dict, key: str) -> str | None:
     return v.get("content") if isinstance(v, dict) else v
 
 
-def add_tokenizer(writer, src: GebFolder, vocab_size: int, gguf) -> dict:
-    source = str(src.folder / "tokenizer.json")
-    tj = src.tokenizer_json()
-    tc = src.tokenizer_config()
+def _bpe_vocab(writer, tj: dict, vocab_size: int, source: str, gguf) -> tuple[dict[str, int], dict]:
+    """geb's byte-level BPE → llama.cpp's `gpt2` tokenizer with the matching pre-tokenizer."""
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise GebError(f"{source}: GGUF export needs a byte-level BPE tokenizer, found model type {model.get('type')!r}")
@@ -132,9 +130,7 @@ def add_tokenizer(writer, src: GebFolder, vocab_size: int, gguf) -> dict:
     for t in tj.get("added_tokens", []):
         vocab[t["content"]] = t["id"]
         special[t["id"]] = bool(t.get("special"))
-    by_id: dict[int, str] = {}
-    for tok, i in vocab.items():
-        by_id[i] = tok
+    by_id = {i: tok for tok, i in vocab.items()}
     if max(by_id) >= vocab_size:
         raise GebError(f"{source}: token id {max(by_id)} does not fit the model's {vocab_size} embedding rows")
     T = gguf.TokenType
@@ -152,20 +148,83 @@ def add_tokenizer(writer, src: GebFolder, vocab_size: int, gguf) -> dict:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
+    return vocab, {"model": "gpt2", "pre": pre, "tokens": len(by_id), "merges": len(merges)}
+
+
+def _spm_vocab(writer, spm_path: Path, tj: dict, vocab_size: int, gguf) -> tuple[dict[str, int], dict]:
+    """A SentencePiece BPE model (the GEB-1.3B vocabulary) → llama.cpp's own `llama` tokenizer, which
+    reproduces SentencePiece from the pieces' scores; special tokens appended after it become CONTROL."""
+    from geb.export.spm import load_proto
+
+    m = load_proto(spm_path)
+    if m.trainer_spec.model_type != 2:
+        raise GebError(f"{spm_path}: only SentencePiece BPE models can be written for llama.cpp (this one is unigram)")
+    T = gguf.TokenType
+    tokens = [p.piece for p in m.pieces]
+    scores = [p.score for p in m.pieces]
+    types = [p.type or 1 for p in m.pieces]
+    added = {t["id"]: t for t in tj.get("added_tokens", [])}
+    extra = sorted(i for i in added if i >= len(tokens))
+    if extra and extra[-1] >= vocab_size:
+        raise GebError(f"{spm_path}: token id {extra[-1]} does not fit the model's {vocab_size} embedding rows")
+    for i in range(len(tokens), vocab_size):
+        t = added.get(i)
+        tokens.append(t["content"] if t else f"[PAD{i}]")
+        scores.append(0.0)
+        types.append((T.CONTROL if t.get("special") else T.USER_DEFINED) if t else T.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(bool(m.normalizer_spec.add_dummy_prefix))
+    if m.trainer_spec.unk_id >= 0:
+        writer.add_unk_token_id(m.trainer_spec.unk_id)
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    info = {"model": "llama", "tokens": len(m.pieces) + len(extra)}
+    ns = m.normalizer_spec
+    if ns.precompiled_charsmap or ns.remove_extra_whitespaces:
+        # llama.cpp's SentencePiece tokenizer has no normalizer: e.g. nmt_nfkc maps "，" to "," first.
+        info["warning"] = (f"the SentencePiece model normalizes text ({ns.name or 'charsmap'}"
+                           f"{', remove_extra_whitespaces' if ns.remove_extra_whitespaces else ''}); llama.cpp does "
+                           "not, so text that normalization changes (full-width punctuation such as '，', runs of "
+                           "spaces) tokenizes differently there: normalize prompts first")
+    return vocab, info
+
+
+def add_tokenizer(writer, src: GebFolder, vocab_size: int, gguf) -> dict:
+    source = str(src.folder / "tokenizer.json")
+    tj = src.tokenizer_json()
+    tc = src.tokenizer_config()
+    spm_path = src.folder / "tokenizer.model"
+    if spm_path.is_file():
+        vocab, info = _spm_vocab(writer, spm_path, tj, vocab_size, gguf)
+    else:
+        vocab, info = _bpe_vocab(writer, tj, vocab_size, source, gguf)
     ids = {}
     for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
                      ("pad_token", writer.add_pad_token_id)):
         text = _token_text(tc, key)
         if text is not None and text in vocab:
-            add(vocab[text])
             ids[key] = vocab[text]
+    fmt = tc.get("geb_chat_format") or {}
+    if fmt.get("eos") in vocab:  # a chat format: its document end is the EOS, its first stop the end of turn
+        ids["eos_token"] = vocab[fmt["eos"]]
+    if fmt.get("stop") and fmt["stop"][0] in vocab:
+        writer.add_eot_token_id(vocab[fmt["stop"][0]])
     if "bos_token" not in ids and "pad_token" in ids:
-        writer.add_bos_token_id(ids["pad_token"])  # llama.cpp wants some BOS id; it is never added
+        ids["bos_token"] = ids["pad_token"]  # llama.cpp wants some BOS id; add_bos_token is false
+    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                     ("pad_token", writer.add_pad_token_id)):
+        if key in ids:
+            add(ids[key])
     writer.add_add_bos_token(bool(tc.get("add_bos_token", False)))
     writer.add_add_eos_token(bool(tc.get("add_eos_token", False)))
     if tc.get("chat_template"):
         writer.add_chat_template(tc["chat_template"])
-    return {"pre": pre, "tokens": len(by_id), "merges": len(merges)}
+    return info
 
 
 # -- export ---------------------------------------------------------------------------------------------
@@ -216,6 +275,10 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f32", 
         raise GebError(f"unknown GGUF output type {output_type!r} (choose from: {', '.join(TYPES)})")
     src = GebFolder(model_dir)
     c = src.cfg
+    if c.rotary_dims != c.head_dim:
+        # llama.cpp refuses to load a llama-architecture file whose rope.dimension_count < head size.
+        raise GebError(f"{src.folder}: config field 'rope_dims' = {c.rope_dims} (partial rotary, ChatGLM-style) "
+                       "cannot be written as a llama-architecture GGUF; llama.cpp rotates whole heads")
     out_path = Path(out_path)
     if out_path.is_dir():
         raise GebError(f"{out_path}: is a folder; give the .gguf file to write")
