@@ -70,7 +70,7 @@ def _contiguous_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: str | Path, model, tokenizer, meta: dict, train_state: dict | None = None,
-                    state_dict: dict | None = None) -> Path:
+                    state_dict: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write a complete checkpoint folder atomically and return its path."""
     from safetensors.torch import save_file
 
@@ -86,6 +86,8 @@ def save_checkpoint(folder: str | Path, model, tokenizer, meta: dict, train_stat
         (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return folder
 
 

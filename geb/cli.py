@@ -12,11 +12,16 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("geb.commands.info", "print a model config's parameter count and bytes per format"),
     "tokenizer": ("geb.commands.tokenizer", "train or evaluate the bilingual byte-level BPE tokenizer"),
+    "data": ("geb.commands.data", "clean, filter, deduplicate and pack raw text"),
     "tokenize": ("geb.commands.tokenize", "pack text files into token shards for pretraining"),
     "pretrain": ("geb.commands.pretrain", "pretrain a model on packed token shards (resumable)"),
+    "sft": ("geb.commands.sft", "supervised fine-tuning on chat conversations (JSONL)"),
+    "dpo": ("geb.commands.dpo", "align a chat model with DPO on preference pairs (JSONL)"),
     "generate": ("geb.commands.generate", "generate text from a prompt with a model folder"),
     "chat": ("geb.commands.chat", "multi-turn chat in the terminal, streaming"),
     "quickstart": ("geb.commands.quickstart", "run the whole recipe on a built-in bilingual corpus"),
+    "quantize": ("geb.commands.quantize", "quantize a model folder to bf16, int8 or int4"),
+    "bench": ("geb.commands.bench", "measure inference speed and memory per format"),
     "export": ("geb.commands.export", "export a model folder to Hugging Face (transformers) or GGUF (llama.cpp)"),
     "import": ("geb.commands.importer", "import the released GEB-1.3B, a Hugging Face Llama or a GGUF file"),
 }

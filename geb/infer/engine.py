@@ -1,8 +1,10 @@
 """The Engine: the one generation path for `geb generate`, `geb chat`, evaluation and the server.
 
-Prefill runs the prompt through the model once into a pre-allocated KV cache; decode then feeds one
-token at a time. Text streams out incrementally (a token that ends inside a UTF-8 sequence is held
-back until the character is complete), stop ids and stop strings end generation.
+It wraps a `Runtime` (geb.infer.runtime: fused weights in fp32, bf16, int8 or int4, prefill and a
+cheap single-token decode over a static KV cache). One sequence runs straight through the runtime;
+several run through the slot scheduler of geb.infer.batch (`generate_batch`, `batch_engine()` for
+the server's continuous batching). Text streams out incrementally: a token that ends inside a UTF-8
+sequence, or text that may still become a stop string, is held back until it is settled.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Iterator
 import torch
 
 from geb.errors import GebError
+from geb.infer.batch import BatchEngine, TextStream, mask_padding
+from geb.infer.runtime import Runtime, SlotCache, runtime_from_model
 from geb.infer.sampling import SamplingParams, sample_next
-from geb.model import KVCache
 
 
 @dataclass
@@ -26,27 +29,40 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, cache_dtype: torch.dtype = torch.float32):
-        self.model = model.eval()
+    """Engine(model, tokenizer) over a live GEB model, or Engine.from_folder(folder, format=...)."""
+
+    def __init__(self, model=None, tokenizer=None, cache_dtype: torch.dtype | None = None, *,
+                 runtime: Runtime | None = None, format: str = "fp32", group_size: int = 32,
+                 threads: int | None = None):
+        if runtime is None:
+            if model is None:
+                raise GebError("Engine needs a model or a runtime")
+            runtime = runtime_from_model(model.eval(), format, group_size)
+        self.model = model  # None when loaded from a folder (quantized folders have no GEB model)
+        self.rt = runtime
         self.tok = tokenizer
-        self.cfg = model.cfg
-        self.cache_dtype = cache_dtype
-        self.device = next(model.parameters()).device
+        self.cfg = runtime.cfg
+        self.format = runtime.fmt
+        self.device = torch.device("cpu")
+        self.rt.set_threads(threads or torch.get_num_threads())
 
     @classmethod
-    def from_folder(cls, folder, device: str = "cpu") -> "Engine":
-        from geb.checkpoint import load_model
+    def from_folder(cls, folder, device: str = "cpu", format: str | None = None, group_size: int = 32,
+                    threads: int | None = None) -> "Engine":
+        """Load a full-precision folder (converted to `format`, default fp32) or a quantized folder."""
+        from geb.infer.weights import load_runtime
 
-        model, tok, _ = load_model(folder, device=device)
-        return cls(model, tok)
+        if str(device) != "cpu":
+            raise GebError(f"the inference engine runs on CPU (asked for device '{device}')")
+        rt, tok, meta = load_runtime(folder, format, group_size)
+        eng = cls(None, tok, runtime=rt, threads=threads)
+        eng.meta = meta
+        return eng
 
-    def _mask_pad(self, logits: torch.Tensor) -> torch.Tensor:
-        """Rows past the tokenizer's vocabulary are padding (vocab rounded up): never sample them."""
-        n = self.tok.vocab_size
-        if n < logits.shape[-1]:
-            logits = logits.float()
-            logits[..., n:] = float("-inf")
-        return logits
+    meta: dict = {}
+
+    def set_threads(self, n: int) -> None:
+        self.rt.set_threads(n)
 
     # -- token level ----------------------------------------------------------------------------
     def check_prompt(self, n: int) -> None:
@@ -56,59 +72,60 @@ class Engine:
             raise GebError(f"the prompt has {n} tokens but the model's context is {self.cfg.max_seq_len} "
                            "(shorten it, or leave room for at least one new token)")
 
-    @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[int], p: SamplingParams) -> Iterator[int]:
         """Yield new token ids until a stop id, max_new_tokens or the end of the context."""
+        yield from self._generate(prompt_ids, p, {})
+
+    def _generate(self, prompt_ids: list[int], p: SamplingParams, state: dict) -> Iterator[int]:
         n = len(prompt_ids)
         self.check_prompt(n)
         budget = min(p.max_new_tokens, self.cfg.max_seq_len - n)
+        state["finish"] = "length"
         if budget <= 0:
             return
         stop_ids = set(self.tok.stop_ids if p.stop_ids is None else p.stop_ids)
-        gen = torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
-        cache = KVCache(self.cfg, 1, n + budget, dtype=self.cache_dtype, device=self.device)
-        ids = torch.tensor([prompt_ids], device=self.device)
-        logits = self._mask_pad(self.model(ids, cache=cache)[:, -1])
-        seen = ids
+        gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+        cache = SlotCache(self.cfg, 1, n + budget)
+        seen = list(prompt_ids)
+        with self.rt.threads_scope():
+            logits = self.rt.prefill(prompt_ids, cache, 0)
         for i in range(budget):
-            nxt = sample_next(logits, p, seen, gen)
-            t = int(nxt)
+            pen = torch.tensor([seen]) if p.repetition_penalty != 1.0 else None
+            t = int(sample_next(mask_padding(logits[None], self.tok.vocab_size), p, pen, gen))
             if t in stop_ids:
+                state["finish"] = "stop"
                 return
             yield t
             if i + 1 == budget:
                 return
-            seen = torch.cat([seen, nxt[:, None]], 1)
-            logits = self._mask_pad(self.model(nxt[:, None], cache=cache)[:, -1])
+            seen.append(t)
+            with self.rt.threads_scope():
+                logits = self.rt.decode(torch.tensor([t]), cache)[0]
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """FP32 logits [T, V] of one sequence in this engine's format (scoring, perplexity)."""
+        with self.rt.threads_scope():
+            return self.rt.forward_logits(ids)
 
     # -- text level -----------------------------------------------------------------------------
     def stream(self, prompt_ids: list[int], p: SamplingParams, out: list | None = None) -> Iterator[str]:
-        """Yield text pieces as they complete. If `out` is given, the final Generation is appended."""
-        new: list[int] = []
-        text = ""
-        finish = "length"
-        for t in self.generate_ids(prompt_ids, p):
-            new.append(t)
-            full = self.tok.decode(new)
-            if full.endswith("\ufffd"):
-                continue  # an unfinished multi-byte character: wait for its next byte
-            hit = min((full.find(s) for s in p.stop if s and s in full), default=-1)
-            if hit >= 0:
-                full, finish = full[:hit], "stop"
-            if len(full) > len(text):
-                yield full[len(text):]
-            text = full
-            if finish == "stop":
-                break
-        else:
-            if len(new) < min(p.max_new_tokens, self.cfg.max_seq_len - len(prompt_ids)):
+        """Yield text pieces as they settle. If `out` is given, the final Generation is appended."""
+        ts = TextStream(self.tok, p.stop)
+        state: dict = {}
+        finish = None
+        for t in self._generate(prompt_ids, p, state):
+            piece = ts.push(t)
+            if piece:
+                yield piece
+            if ts.stopped:
                 finish = "stop"
-            full = self.tok.decode(new)
-            if len(full) > len(text) and not any(s and s in full for s in p.stop):
-                yield full[len(text):]
-                text = full
+                break
+        piece = ts.finish()
+        if piece:
+            yield piece
         if out is not None:
-            out.append(Generation(text=text, ids=new, prompt_tokens=len(prompt_ids), finish_reason=finish))
+            out.append(Generation(text=ts.text, ids=list(ts.ids), prompt_tokens=len(prompt_ids),
+                                  finish_reason=finish or state.get("finish", "length")))
 
     def generate(self, prompt: str | list[int], p: SamplingParams) -> Generation:
         ids = self.tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -120,3 +137,24 @@ class Engine:
     def chat(self, messages: list[dict], p: SamplingParams) -> Generation:
         ids, _ = self.tok.render_chat(messages, add_generation_prompt=True)
         return self.generate(ids, p)
+
+    # -- batches --------------------------------------------------------------------------------
+    def batch_engine(self, max_batch: int = 8, max_len: int | None = None) -> BatchEngine:
+        """A continuous-batching scheduler over this engine's weights (see geb.infer.batch)."""
+        return BatchEngine(self.rt, self.tok, max_batch=max_batch, max_len=max_len)
+
+    def generate_batch(self, prompts: list, params: SamplingParams | list[SamplingParams],
+                       max_batch: int = 8) -> list[Generation]:
+        """Generate for several prompts at once (decode steps batched); results in prompt order."""
+        ids = [self.tok.encode(x) if isinstance(x, str) else list(x) for x in prompts]
+        ps = params if isinstance(params, list) else [params] * len(ids)
+        if len(ps) != len(ids):
+            raise GebError(f"{len(ids)} prompts but {len(ps)} sampling settings")
+        for x in ids:
+            self.check_prompt(len(x))
+        longest = max((len(x) + p.max_new_tokens for x, p in zip(ids, ps)), default=1)
+        be = self.batch_engine(max_batch=min(max_batch, max(1, len(ids))), max_len=min(longest, self.cfg.max_seq_len))
+        reqs = [be.submit(x, p) for x, p in zip(ids, ps)]
+        be.run()
+        return [Generation(text=r.text, ids=list(r.ids), prompt_tokens=len(r.prompt_ids),
+                           finish_reason=r.finish_reason) for r in reqs]

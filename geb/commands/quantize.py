@@ -1,0 +1,39 @@
+"""`geb quantize`: write a bf16, int8 or int4 copy of a model folder that the engine loads in place."""
+
+from __future__ import annotations
+
+
+def configure(p) -> None:
+    from geb.commands.common import add_threads
+
+    p.add_argument("--model", required=True, help="full-precision model folder")
+    p.add_argument("--format", required=True, choices=["bf16", "int8", "int4"])
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--eval-text", help="optional held-out text file: print perplexity vs fp32")
+    add_threads(p)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from geb.commands.common import apply_threads
+    from geb.errors import GebError
+    from geb.infer.weights import load_runtime, quantize_folder
+
+    apply_threads(args)
+    out = quantize_folder(args.model, args.out, args.format, args.group_size)
+    rt, tok, meta = load_runtime(out)
+    print(f"wrote {out} ({args.format}, {rt.weight_bytes / 2**20:.1f} MiB of weights)")
+    if args.eval_text:
+        from geb.infer.bench import perplexity
+
+        f = Path(args.eval_text)
+        if not f.is_file():
+            raise GebError(f"{f}: eval text not found")
+        ids = tok.encode(f.read_text(encoding="utf-8"))
+        base, _, _ = load_runtime(args.model, "fp32")
+        p0, p1 = perplexity(base, ids), perplexity(rt, ids)
+        print(f"perplexity on {f.name} ({len(ids)} tokens): fp32 {p0:.4f}, {args.format} {p1:.4f} "
+              f"({100 * (p1 / p0 - 1):+.2f}%)")
+    return 0

@@ -1,0 +1,188 @@
+"""The data pipeline's report: per stage and rule, documents and characters in/out, examples, bad input.
+
+Merges the per-task files the steps wrote (work/stats/<step>/<rank>.json, work/rejects/<rank>.jsonl,
+work/removed/<step>/*.jsonl.gz) and writes report.json, report.md and report.png (a bar chart of
+documents and characters removed per step) into the output folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+from pathlib import Path
+
+from geb.data import settings as S
+from geb.data.steps import snippet, write_json_atomic
+
+MAX_REJECT_EXAMPLES = 20
+MAX_EXAMPLES = 5
+
+
+def _load(folder: Path, pattern: str) -> list[dict]:
+    return [json.loads(f.read_text()) for f in sorted(folder.glob(pattern))] if folder.is_dir() else []
+
+
+def _rule_row(L, name: str, stage: str) -> dict:
+    parts = _load(L.stats / name, "[0-9]*[0-9].json")
+    row = {"step": name, "stage": stage, "docs_in": 0, "docs_out": 0, "chars_in": 0, "chars_out": 0,
+           "reasons": Counter(), "examples": []}
+    for p in parts:
+        for k in ("docs_in", "docs_out", "chars_in", "chars_out"):
+            row[k] += p[k]
+        row["reasons"].update(p["reasons"])
+        row["examples"].extend(p["examples"][: max(0, MAX_EXAMPLES - len(row["examples"]))])
+    return row
+
+
+def _dedup_row(L, name: str) -> dict:
+    ins, outs = _load(L.stats / name, "*.in.json"), _load(L.stats / name, "*.out.json")
+    row = {"step": name, "stage": "dedup", "docs_in": sum(p["docs"] for p in ins), "docs_out": sum(p["docs"] for p in outs),
+           "chars_in": sum(p["chars"] for p in ins), "chars_out": sum(p["chars"] for p in outs),
+           "reasons": Counter(), "examples": []}
+    folder = L.removed / name
+    n_removed = 0
+    for f in sorted(folder.glob("*.jsonl.gz")) if folder.is_dir() else []:
+        with gzip.open(f, "rt", encoding="utf-8") as g:
+            for line in g:
+                n_removed += 1
+                if len(row["examples"]) < MAX_EXAMPLES:
+                    d = json.loads(line)
+                    m = d.get("metadata", {})
+                    text = d["text"]
+                    if ">>>" in text:  # sentence dedup marks the dropped spans >>> ... <<<
+                        a = text.index(">>>")
+                        b = text.find("<<<", a)
+                        text = text[a + 3: b if b > 0 else None]
+                    row["examples"].append({"id": d.get("id"), "source": f"{m.get('source', '?')}:{m.get('line', '?')}",
+                                            "reason": "duplicate", "removed": snippet(text)})
+    dropped = row["docs_in"] - row["docs_out"]
+    if name == "minhash":
+        row["reasons"]["near-duplicate document"] = dropped
+    else:
+        row["reasons"]["documents with repeated spans"] = n_removed
+        if dropped:
+            row["reasons"]["documents left too short"] = dropped
+    return row
+
+
+def build_report(L, settings: dict, files: list[str], stages, times: dict, elapsed: float, text_meta: dict,
+                 packed: dict | None) -> dict:
+    rules = settings["rules"]
+    reads = _load(L.stats / "read", "*.json")
+    reject_counts: Counter = Counter()
+    for p in reads:
+        reject_counts.update(p["rejects"])
+    reject_examples = []
+    for f in sorted(L.rejects.glob("*.jsonl")) if L.rejects.is_dir() else []:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            if len(reject_examples) >= MAX_REJECT_EXAMPLES:
+                break
+            reject_examples.append(json.loads(line))
+    docs_read = sum(p["docs_out"] for p in reads)
+    chars_read = sum(p["chars_out"] for p in reads)
+
+    steps = []
+    for name, cls in S.rule_classes().items():
+        if rules[name]["enabled"]:
+            steps.append(_rule_row(L, name, cls.stage))
+    for name in S.DEDUP_RULES:
+        if rules[name]["enabled"]:
+            steps.append(_dedup_row(L, name))
+    for r in steps:
+        r["docs_removed"] = r["docs_in"] - r["docs_out"]
+        r["chars_removed"] = r["chars_in"] - r["chars_out"]
+        r["reasons"] = dict(r["reasons"])
+    mb = chars_read / 1e6
+    report = {
+        "input": {"files": len(files), "documents": docs_read, "chars": chars_read,
+                  "bad_input": dict(reject_counts), "bad_input_examples": reject_examples},
+        "steps": steps,
+        "output": {"documents": text_meta["documents"], "chars": text_meta["chars"], "text": str(L.text),
+                   "tokens": str(L.tokens) if packed else None,
+                   "token_counts": ({sp: sum(s["tokens"] for s in sh) for sp, sh in packed["shards"].items()}
+                                    if packed else None),
+                   "token_documents": packed["documents"] if packed else None},
+        "timing": {"seconds": round(elapsed, 3), "stages": {k: round(v, 3) for k, v in times.items()},
+                   "docs_per_s": round(docs_read / elapsed, 1) if elapsed > 0 else None,
+                   "mchars_per_s": round(mb / elapsed, 3) if elapsed > 0 else None},
+        "settings": settings,
+    }
+    if not files:
+        report["input"]["note"] = "the input folder holds no files"
+    write_json_atomic(L.out / "report.json", report)
+    chart = _chart(steps, L.out / "report.png")
+    (L.out / "report.md").write_text(_markdown(report, chart), encoding="utf-8")
+    return report
+
+
+def _chart(steps: list[dict], path: Path) -> str | None:
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s["step"] for s in steps][::-1]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(steps) + 1.5))
+    for ax, key, title in ((axes[0], "docs_removed", "documents removed"), (axes[1], "chars_removed", "characters removed")):
+        vals = [s[key] for s in steps][::-1]
+        ax.barh(names, vals, color="#4c72b0")
+        ax.set_title(title)
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:,}", va="center", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path.name
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{100 * a / b:.1f}%" if b else "-"
+
+
+def _markdown(r: dict, chart: str | None) -> str:
+    inp, out = r["input"], r["output"]
+    md = ["# Data pipeline report", "",
+          f"Input: {inp['files']} file(s), {inp['documents']:,} documents, {inp['chars']:,} characters. "
+          f"Output: {out['documents']:,} documents ({_pct(out['documents'], inp['documents'])}), "
+          f"{out['chars']:,} characters ({_pct(out['chars'], inp['chars'])}) in `{out['text']}`."]
+    if inp.get("note"):
+        md += ["", f"**{inp['note']}.**"]
+    if out["tokens"]:
+        md += ["", f"Packed tokens in `{out['tokens']}`: " + ", ".join(f"{k} {v:,} tokens ({out['token_documents'].get(k, 0):,} docs)"
+                                                          for k, v in out["token_counts"].items()) + "."]
+    md += ["", "## Bad input", ""]
+    if inp["bad_input"]:
+        md += ["| problem | count |", "|---|---:|"] + [f"| {k} | {v:,} |" for k, v in sorted(inp["bad_input"].items())]
+        md += ["", "First cases (file:line, kept = the document went on):", ""]
+        md += [f"- `{e['file']}:{e['line'] if e['line'] is not None else '-'}` {e['reason']}{' (kept)' if e['kept'] else ''}"
+               for e in inp["bad_input_examples"]]
+    else:
+        md += ["None."]
+    md += ["", "## Steps", "", "| step | stage | docs in | docs out | docs removed | chars in | chars out | chars removed |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for s in r["steps"]:
+        md.append(f"| {s['step']} | {s['stage']} | {s['docs_in']:,} | {s['docs_out']:,} | {s['docs_removed']:,} "
+                  f"({_pct(s['docs_removed'], s['docs_in'])}) | {s['chars_in']:,} | {s['chars_out']:,} | "
+                  f"{s['chars_removed']:,} ({_pct(s['chars_removed'], s['chars_in'])}) |")
+    if chart:
+        md += ["", f"![removed per step]({chart})"]
+    md += ["", "## What each step removed", ""]
+    for s in r["steps"]:
+        if not s["reasons"] and not s["examples"]:
+            continue
+        reasons = ", ".join(f"{k}: {v:,}" for k, v in s["reasons"].items())
+        md += [f"### {s['step']}", "", f"Counts: {reasons or '-'}", ""]
+        for e in s["examples"]:
+            txt = e["removed"].replace("\n", " ⏎ ").replace("|", "\\|")
+            md.append(f"- `{e['source']}` ({e['reason']}): {txt}")
+        md.append("")
+    t = r["timing"]
+    md += ["## Timing", "", f"{t['seconds']} s in all; {t['docs_per_s']} docs/s, {t['mchars_per_s']} M chars/s.", ""]
+    md += [f"- {k}: {v} s" for k, v in t["stages"].items()]
+    md += ["", "Settings are in report.json (`settings`) and config.json."]
+    return "\n".join(md) + "\n"

@@ -1,0 +1,152 @@
+"""Accounting for the data pipeline: datatrove steps that count what each stage and rule removed.
+
+Every GEB step is a `MeteredStep`: a datatrove PipelineStep that counts documents and characters in
+and out, keeps a few examples of what it removed (with the document's id and source), and at the
+end of its task writes `<stats_dir>/<step>/<rank>.json` atomically. datatrove's own steps (MinHash,
+sentence dedup) are wrapped between a `Meter("in")` and a `Meter("out")` pair that do the same
+counting around them. The report (report.py) merges these files over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+
+EXAMPLE_CHARS = 240
+
+
+def snippet(text: str, n: int = EXAMPLE_CHARS) -> str:
+    text = text.strip()
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def source_of(doc: Document) -> str:
+    src = doc.metadata.get("source", "?")
+    line = doc.metadata.get("line")
+    return f"{src}:{line}" if line is not None else str(src)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path):
+    """Yield a temporary sibling folder that replaces `final` only when the block succeeds.
+
+    (geb.checkpoint.AtomicFolder does the same but importing it pulls in torch, which the data
+    pipeline does not otherwise need.)"""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class Acc:
+    """Counts for one step in one task."""
+
+    def __init__(self, max_examples: int):
+        self.docs_in = self.docs_out = self.chars_in = self.chars_out = 0
+        self.reasons: Counter = Counter()
+        self.examples: list[dict] = []
+        self.max_examples = max_examples
+
+    def example(self, doc: Document, removed: str, reason: str = "") -> None:
+        if len(self.examples) < self.max_examples and removed.strip():
+            self.examples.append({"id": str(doc.id), "source": source_of(doc), "reason": reason,
+                                  "removed": snippet(removed)})
+
+    def to_dict(self) -> dict:
+        return {"docs_in": self.docs_in, "docs_out": self.docs_out, "chars_in": self.chars_in,
+                "chars_out": self.chars_out, "reasons": dict(self.reasons), "examples": self.examples}
+
+
+class MeteredStep(PipelineStep):
+    """A GEB pipeline step with accounting. Subclasses implement `process(doc) -> Document | None`.
+
+    `process` may shorten doc.text (cleaning) and call `self.removed(doc, piece, reason)` for what it
+    cut, or return None to drop the document (after calling `self.removed` with the reason).
+    """
+
+    type = "🧹 - GEB"
+    stage = "clean"
+
+    def __init__(self, name: str, stats_dir: str | Path, max_examples: int = 5):
+        self.name = name  # before PipelineStep.__init__, which names the step's datatrove stats after it
+        super().__init__()
+        self.stats_dir = str(stats_dir)
+        self.max_examples = max_examples
+        self.acc: Acc | None = None
+
+    def removed(self, doc: Document, piece: str, reason: str = "", count: int = 1) -> None:
+        self.acc.reasons[reason or "removed"] += count
+        self.acc.example(doc, piece, reason)
+
+    def process(self, doc: Document) -> Document | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        """Called once per task before the first document (load models, compile patterns)."""
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        self.acc = Acc(self.max_examples)
+        self.setup()
+        acc = self.acc
+        for doc in data or ():
+            acc.docs_in += 1
+            acc.chars_in += len(doc.text)
+            with self.track_time():
+                out = self.process(doc)
+                if out is not None and not out.text.strip():
+                    self.removed(doc, "", "empty after cleaning")
+                    out = None
+            if out is None:
+                continue
+            acc.docs_out += 1
+            acc.chars_out += len(out.text)
+            yield out
+        self.save(rank)
+
+    def save(self, rank: int) -> None:
+        write_json_atomic(Path(self.stats_dir) / self.name / f"{rank:05d}.json",
+                          {"step": self.name, "stage": self.stage, **self.acc.to_dict()})
+
+
+class Meter(PipelineStep):
+    """Counts documents/characters passing a point; a pair around a datatrove step gives its in/out."""
+
+    type = "🧹 - GEB"
+
+    def __init__(self, name: str, side: str, stats_dir: str | Path, stage: str = "dedup"):
+        self.name = f"{name} ({side})"
+        super().__init__()
+        self.rule, self.side, self.stats_dir, self.stage = name, side, str(stats_dir), stage
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        docs = chars = 0
+        for doc in data or ():
+            docs += 1
+            chars += len(doc.text)
+            yield doc
+        write_json_atomic(Path(self.stats_dir) / self.rule / f"{rank:05d}.{self.side}.json",
+                          {"step": self.rule, "stage": self.stage, "docs": docs, "chars": chars})

@@ -1,0 +1,158 @@
+"""Text helpers shared by the data pipeline's rules, filters and dedup: scripts, words, sentences, code.
+
+Chinese has no spaces, so every count that web-data heuristics take over "words" is taken here over
+*units*: a Latin word or number, or one CJK character (`units`), or over jieba words when a
+segmentation is needed (`words`). `BilingualWordTokenizer` exposes the same view to datatrove's
+MinHash and sentence-dedup steps, so their shingles are character n-grams for Chinese and word
+n-grams for English without spaCy models.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import lru_cache
+
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+# CJK ideographs (basic, extension A, compatibility) and the supplementary planes' extensions.
+CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+CJK_RE = re.compile(f"[{CJK}]")
+# A unit: a Latin/Greek/Cyrillic/digit word (with inner ' or -), or a single CJK character.
+UNIT_RE = re.compile(rf"[{CJK}]|[^\W_{CJK}]+(?:['’\-][^\W_{CJK}]+)*")
+LETTER_RE = re.compile(rf"[^\W\d_]|[{CJK}]")
+
+# Sentence ends: Chinese 。！？… and ASCII .!?, optionally followed by closing quotes/brackets.
+TERMINALS = "。！？!?.…"
+CLOSERS = "\"'”’」』）)】》〉"
+SENT_END_RE = re.compile(rf"[{re.escape(TERMINALS)}]+[{re.escape(CLOSERS)}]*")
+# A line is a complete sentence when it ends with terminal punctuation (closers allowed after it), or
+# with a closing quote alone (the issue's `"` and `」`: quoted speech often ends the sentence inside).
+LINE_END_RE = re.compile(rf"(?:[{re.escape(TERMINALS)}][{re.escape(CLOSERS)}]*|[\"”」』])\s*$")
+
+FENCE_RE = re.compile(r"^\s*(```|~~~)")
+INLINE_CODE_RE = re.compile(r"`[^`\n]+`")
+
+
+def cjk_count(text: str) -> int:
+    return len(CJK_RE.findall(text))
+
+
+def is_chinese(text: str, threshold: float = 0.3) -> bool:
+    """True when CJK characters are at least `threshold` of the non-space characters."""
+    n = sum(1 for c in text if not c.isspace())
+    return n > 0 and cjk_count(text) / n >= threshold
+
+
+def units(text: str) -> list[str]:
+    """Latin words/numbers and single CJK characters, punctuation and spaces dropped."""
+    return UNIT_RE.findall(text)
+
+
+@lru_cache(maxsize=1)
+def _jieba():
+    import jieba  # bundled dictionary: no download; it caches its prefix dict in the temp folder
+
+    jieba.setLogLevel(logging.WARNING)
+    jieba.initialize()
+    return jieba
+
+
+@lru_cache(maxsize=8)
+def words(text: str) -> tuple[str, ...]:
+    """Words for heuristics: jieba segmentation where the text has CJK, else the Latin units.
+
+    Punctuation and whitespace tokens are dropped, so English words and Chinese words count alike.
+    Cached for the last few texts: consecutive quality filters segment the same document. jieba's HMM
+    stays on: without it unknown words (transliterated names) fall apart into characters, whose
+    repeats then look like repeated n-grams.
+    """
+    if not CJK_RE.search(text):
+        return tuple(units(text))
+    try:
+        seg = _jieba().lcut(text)
+    except ImportError:  # jieba is in the `data` extra; characters are the fallback unit
+        return tuple(units(text))
+    return tuple(w for w in seg if UNIT_RE.search(w))
+
+
+def split_sentences(text: str) -> list[tuple[int, int]]:
+    """Sentence spans in both languages: a span ends after terminal punctuation (+closers) or a newline.
+
+    An ASCII '.' only ends a sentence when followed by whitespace or the end (so 3.14, e.g. and URLs
+    stay whole); Chinese terminals end it anywhere.
+    """
+    spans = []
+    start = 0
+    n = len(text)
+    i = 0
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            if text[start:i].strip():
+                spans.append((start, i))
+            start = i + 1
+            i += 1
+            continue
+        if c in TERMINALS:
+            j = i + 1
+            while j < n and (text[j] in TERMINALS or text[j] in CLOSERS):
+                j += 1
+            if c in ".!?" and j < n and not text[j].isspace() and all(ch in ".!?" for ch in text[i:j]):
+                i = j  # "3.14", "e.g.x", "a.b": not a boundary
+                continue
+            if text[start:j].strip():
+                spans.append((start, j))
+            start = j
+            i = j
+            continue
+        i += 1
+    if text[start:].strip():
+        spans.append((start, n))
+    # strip leading whitespace of each span (datatrove re-joins spans with the gaps it skipped)
+    out = []
+    for a, b in spans:
+        while a < b and text[a].isspace():
+            a += 1
+        out.append((a, b))
+    return out
+
+
+def code_line_mask(lines: list[str]) -> list[bool]:
+    """True for lines inside fenced code blocks (``` or ~~~), fences included: rules leave them alone."""
+    mask, inside = [], False
+    for line in lines:
+        if FENCE_RE.match(line):
+            mask.append(True)
+            inside = not inside
+        else:
+            mask.append(inside)
+    return mask
+
+
+class BilingualWordTokenizer(WordTokenizer):
+    """A datatrove WordTokenizer for mixed Chinese/English text that needs no model download.
+
+    word_tokenize → units (CJK characters one by one, Latin words whole): datatrove's MinHash then
+    shingles Chinese by character n-grams and English by word n-grams. Sentences come from
+    `split_sentences` (Chinese and ASCII terminals, newlines).
+    """
+
+    def __init__(self):
+        super().__init__("zh+en")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return units(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [text[a:b] for a, b in split_sentences(text)]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return split_sentences(text)
+
+    # one instance per process is enough; equality by type keeps datatrove's lru_cache keyed sanely
+    def __eq__(self, other):
+        return type(other) is type(self)
+
+    def __hash__(self):
+        return hash(type(self).__name__)

@@ -1,0 +1,311 @@
+"""Speed and quality measurements of the inference runtime: `geb bench`, the quickstart's report.
+
+- `bench_format`: prefill tokens/s (one prompt), time to first token, decode tokens/s after the prompt
+  and from an empty context, weight bytes and peak resident memory, for one format and thread count.
+  `run_bench` runs each (format, threads) in a fresh spawned process, so peak memory is that
+  format's own and one format's pages do not warm the next one's.
+- `read_bandwidth`: the machine's memory read bandwidth, for the decode bound (bytes per token ÷
+  bandwidth). A tiny C read loop when a C compiler is present (torch and numpy reductions understate
+  bandwidth by up to 2x on this kind of machine), else torch's sum, marked as such.
+- `perplexity` and `quick_report`: per-format perplexity against FP32 and speed, in seconds for a
+  small model.
+Speed is never asserted in tests; these functions print and return numbers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from geb.config import ModelConfig
+from geb.infer.runtime import Runtime, SlotCache, build_runtime
+
+
+def random_runtime(cfg: ModelConfig, fmt: str, group_size: int = 32, seed: int = 0) -> Runtime:
+    """A runtime with GEB-initialised random weights, made one tensor at a time (never a full FP32 model)."""
+    gen = torch.Generator().manual_seed(seed)
+    std, out_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)
+    c = cfg
+    shapes = {"tok_emb.weight": (c.vocab_size, c.d_model), "lm_head.weight": (c.vocab_size, c.d_model),
+              "norm.weight": (c.d_model,)}
+    for i in range(c.n_layer):
+        p = f"layers.{i}."
+        shapes.update({p + "attn_norm.weight": (c.d_model,), p + "ffn_norm.weight": (c.d_model,),
+                       p + "attn.wq.weight": (c.q_dim, c.d_model), p + "attn.wk.weight": (c.kv_dim, c.d_model),
+                       p + "attn.wv.weight": (c.kv_dim, c.d_model), p + "attn.wo.weight": (c.d_model, c.q_dim),
+                       p + "ffn.w_gate.weight": (c.ffn_hidden, c.d_model),
+                       p + "ffn.w_up.weight": (c.ffn_hidden, c.d_model),
+                       p + "ffn.w_down.weight": (c.d_model, c.ffn_hidden)})
+
+    def get(name):
+        shape = shapes[name]
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        s = out_std if name.endswith(("attn.wo.weight", "ffn.w_down.weight")) else std
+        return torch.randn(shape, generator=gen) * s
+
+    return build_runtime(cfg, get, fmt, group_size, info={"source": "random"})
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_runtime(rt: Runtime, prompt_len: int = 512, new_tokens: int = 128, reps: int = 1, seed: int = 0) -> dict:
+    """Time prefill, first token and decode (at depth prompt_len and from empty) on one runtime."""
+    cfg = rt.cfg
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen)
+    res: dict = {"prompt_len": prompt_len, "new_tokens": new_tokens, "threads": rt.threads}
+    pre, ttft, dec_deep, dec_empty = [], [], [], []
+    with rt.threads_scope():
+        warm = SlotCache(cfg, 1, 16)  # first calls allocate and spin up thread pools
+        tok = rt.prefill(prompt[:8], warm, 0).argmax().view(1)
+        for _ in range(4):
+            tok = rt.decode(tok, warm)[0].argmax().view(1)
+        for _ in range(reps):
+            cache = SlotCache(cfg, 1, prompt_len + new_tokens + 1)
+            t0 = time.perf_counter()
+            logits = rt.prefill(prompt, cache, 0)
+            tok = logits.argmax().view(1)
+            t1 = time.perf_counter()
+            pre.append(prompt_len / (t1 - t0))
+            ttft.append(t1 - t0)
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                tok = rt.decode(tok, cache)[0].argmax().view(1)
+            dec_deep.append(new_tokens / (time.perf_counter() - t0))
+            cache = SlotCache(cfg, 1, new_tokens + 1)
+            tok = torch.tensor([1])
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                tok = rt.decode(tok, cache)[0].argmax().view(1)
+            dec_empty.append(new_tokens / (time.perf_counter() - t0))
+    res.update({
+        "prefill_tok_s": statistics.median(pre), "ttft_s": statistics.median(ttft),
+        "decode_tok_s": statistics.median(dec_empty), "decode_at_depth_tok_s": statistics.median(dec_deep),
+        "weight_bytes": rt.weight_bytes, "bytes_per_token": bytes_per_token(rt),
+        "kv_cache_bytes": 2 * cfg.n_layer * cfg.n_kv_head * (prompt_len + new_tokens + 1) * cfg.head_dim * 4,
+    })
+    return res
+
+
+def bytes_per_token(rt: Runtime) -> int:
+    """Weight bytes read to decode one token: all but the embedding table, which is a row lookup."""
+    emb = {t.data_ptr() for t in rt.emb.state("").values()}
+    head = {t.data_ptr() for t in rt.head.state("").values()}
+    n = rt.weight_bytes
+    if not emb & head:
+        n -= rt.emb.nbytes
+    return n
+
+
+def bench_format(spec: dict) -> dict:
+    """One (format, threads) measurement from a plain dict; runs in a child process under run_bench."""
+    from geb.config import get_preset
+
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    if spec.get("model"):
+        from geb.infer.weights import load_runtime
+
+        rt, _, _ = load_runtime(spec["model"], spec["format"] if not spec.get("quantized") else None,
+                                spec.get("group_size", 32))
+    else:
+        rt = random_runtime(get_preset(spec["config"]), spec["format"], spec.get("group_size", 32))
+    load_s = time.perf_counter() - t0
+    rt.set_threads(spec["threads"])
+    res = bench_runtime(rt, spec["prompt_len"], spec["new_tokens"], spec.get("reps", 1))
+    res.update({"format": rt.fmt, "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
+                "group_size": rt.info.get("group_size"), "head_format": rt.info.get("head_format"),
+                "embedding_format": rt.info.get("embedding_format")})
+    return res
+
+
+def run_bench(specs: list[dict], isolate: bool = True, log=print) -> list[dict]:
+    """Run each spec (see bench_format) in its own spawned process (or inline when isolate=False)."""
+    out = []
+    for spec in specs:
+        log(f"  {spec['format']:>5} threads={spec['threads']} ...")
+        if isolate:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(1) as pool:
+                res = pool.apply(bench_format, (spec,))
+        else:
+            res = bench_format(spec)
+        out.append(res)
+        log("        " + format_row(res))
+    return out
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['format']:>5} t{r['threads']}: prefill {r['prefill_tok_s']:8.1f} tok/s  ttft {r['ttft_s']:6.3f} s  "
+            f"decode {r['decode_tok_s']:7.2f} tok/s  @{r['prompt_len']}: {r['decode_at_depth_tok_s']:7.2f} tok/s  "
+            f"weights {r['weight_bytes'] / 2**20:8.1f} MiB  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB")
+
+
+_READ_LOOP = r"""
+#include <stddef.h>
+#include <stdint.h>
+#include <immintrin.h>
+double geb_read(const float *p, size_t n, int reps) {
+    double total = 0;
+    for (int r = 0; r < reps; r++) {
+        float acc = 0;
+        #pragma omp parallel for reduction(+:acc) schedule(static)
+        for (size_t i = 0; i < n; i += 64) {
+#ifdef __AVX512F__
+            __m512 a = _mm512_load_ps(p + i), b = _mm512_load_ps(p + i + 16);
+            __m512 c = _mm512_load_ps(p + i + 32), d = _mm512_load_ps(p + i + 48);
+            acc += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+#else
+            float s = 0; for (int j = 0; j < 64; j++) s += p[i + j]; acc += s;
+#endif
+        }
+        total += acc;
+    }
+    return total;
+}
+"""
+
+
+def read_bandwidth(threads: int, size_mb: int = 1024, reps: int = 5) -> dict:
+    """Memory read bandwidth in GB/s with `threads` threads (median of reps)."""
+    n = size_mb * 2**20 // 4 // 64 * 64
+    buf = torch.ones(n + 16)
+    off = (-buf.data_ptr() // 4) % 16  # 64-byte alignment for aligned loads
+    x = buf[off : off + n]
+    lib = _compile_read_loop()
+    times = []
+    if lib is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        fn = lib.geb_read
+        fn.restype = ctypes.c_double
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        lib.omp_set_num_threads(threads)
+        fn(x.data_ptr(), n, 1)
+        for _ in range(reps):
+            times.append(_timed(lambda: fn(x.data_ptr(), n, 1)))
+        method = "C read loop (AVX-512 when available, OpenMP)"
+    else:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        x.sum()
+        for _ in range(reps):
+            times.append(_timed(lambda: x.sum()))
+        torch.set_num_threads(before)
+        method = "torch sum (understates bandwidth)"
+    return {"gb_s": n * 4 / statistics.median(times) / 1e9, "max_gb_s": n * 4 / min(times) / 1e9,
+            "threads": threads, "method": method}
+
+
+def _compile_read_loop():
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    d = Path(tempfile.gettempdir()) / f"geb-readloop-{os.getuid()}"
+    so = d / "readloop.so"
+    try:
+        if not so.exists():
+            d.mkdir(exist_ok=True)
+            (d / "readloop.c").write_text(_READ_LOOP)
+            tmp = d / f"readloop.{os.getpid()}.so"
+            subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(d / "readloop.c"),
+                            "-o", str(tmp)], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, so)
+        return ctypes.CDLL(str(so))
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from geb.commands.common import physical_cores  # a plain helper module, not a command
+
+    return {"cpu": model or platform.processor(), "physical_cores": physical_cores(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+# -- quality and the quickstart's report ----------------------------------------------------------
+def perplexity(rt: Runtime, ids: list[int], window: int | None = None) -> float:
+    """Perplexity of `ids` under the runtime, in consecutive windows of at most `window` tokens."""
+    window = min(window or rt.cfg.max_seq_len, rt.cfg.max_seq_len)
+    nll, count = 0.0, 0
+    with rt.threads_scope():
+        for i in range(0, len(ids) - 1, window):
+            chunk = ids[i : i + window + 1]
+            if len(chunk) < 2:
+                break
+            logits = rt.forward_logits(chunk[:-1])
+            tgt = torch.tensor(chunk[1:])
+            nll += float(torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum"))
+            count += tgt.numel()
+    return math.exp(nll / max(count, 1))
+
+
+def quick_report(model_dir, formats=("fp32", "bf16", "int8", "int4"), prompt_len: int = 64, new_tokens: int = 32,
+                 text: str | None = None, threads: int | None = None, group_size: int = 32) -> dict:
+    """Speed (and, given held-out `text`, perplexity vs FP32) of a model folder in each format.
+
+    Returns {"formats": {fmt: {prefill_tok_s, decode_tok_s, decode_at_depth_tok_s, ttft_s, weight_bytes,
+    perplexity?, ppl_vs_fp32?}}, "threads": n}. A few seconds for a 6M-parameter model.
+    """
+    from geb.commands.common import physical_cores
+    from geb.infer.weights import load_runtime
+
+    threads = threads or physical_cores()
+    out: dict = {"model": str(model_dir), "threads": threads, "formats": {}}
+    base_ppl = None
+    for fmt in formats:
+        rt, tok, _ = load_runtime(model_dir, fmt, group_size)
+        rt.set_threads(threads)
+        plen = max(1, min(prompt_len, rt.cfg.max_seq_len - new_tokens - 1))
+        r = bench_runtime(rt, plen, new_tokens)
+        row = {k: r[k] for k in ("prefill_tok_s", "decode_tok_s", "decode_at_depth_tok_s", "ttft_s", "weight_bytes")}
+        if text:
+            ppl = perplexity(rt, tok.encode(text))
+            row["perplexity"] = ppl
+            if fmt == "fp32":
+                base_ppl = ppl
+            if base_ppl:
+                row["ppl_vs_fp32"] = ppl / base_ppl - 1.0
+        out["formats"][fmt] = row
+    return out
+
+
+def format_quick_report(rep: dict) -> str:
+    lines = [f"speed of {rep['model']} ({rep['threads']} threads):"]
+    for fmt, r in rep["formats"].items():
+        s = (f"  {fmt:>5}: prefill {r['prefill_tok_s']:8.1f} tok/s, decode {r['decode_tok_s']:7.1f} tok/s, "
+             f"weights {r['weight_bytes'] / 2**20:6.1f} MiB")
+        if "perplexity" in r:
+            s += f", perplexity {r['perplexity']:.3f}"
+            if "ppl_vs_fp32" in r and fmt != "fp32":
+                s += f" ({100 * r['ppl_vs_fp32']:+.2f}% vs fp32)"
+        lines.append(s)
+    return "\n".join(lines)

@@ -1,0 +1,250 @@
+"""Linear layers in each inference format (fp32, bf16, int8, int4) and the quantizers that make them.
+
+Every layer takes and returns FP32 activations [M, K] → [M, N]; what happens inside is the format's:
+- fp32: the weight as is. At a handful of rows (decode) the product goes to numpy's OpenBLAS, whose
+  matrix-vector routine uses every core, where torch's MKL path stays on one thread at batch 1.
+- bf16: BF16 weight and activations, FP32 out.
+- int8: weight-only, symmetric per output channel (scale = absmax / 127, kept in BF16), run by
+  `torch._weight_int8pack_mm` with BF16 activations (with FP32 activations that kernel is ~10x slower).
+- int4: weight-only, asymmetric per group of `group_size` input columns, run by
+  `torch._weight_int4pack_mm_for_cpu`; the kernel's convention is w = (q - 8) * scale + zero with
+  q in 0..15, scale and zero in BF16 laid out [K / group, N, 2].
+
+Each layer knows how to list its tensors for a safetensors file (`state`) and to rebuild itself from
+them (`from_state`), so `geb quantize` writes exactly what the engine runs. int4 weights are stored
+as plain nibbles (column 2j in the low half of byte j) and packed into the kernel's own layout at load,
+because that layout is torch-internal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from geb.errors import GebError
+
+FORMATS = ("fp32", "bf16", "int8", "int4")
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel accepts
+NUMPY_MAX_ROWS = 8  # up to this many rows fp32 goes through numpy (matrix-vector territory)
+DEQUANT_MIN_ROWS = 32  # from this many rows (prefill) int8 weights are widened to BF16 for a real GEMM
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise GebError(f"unknown format '{fmt}' (choose from: {', '.join(FORMATS)})")
+    return fmt
+
+
+class Linear:
+    """Base: y = x @ W.T for FP32 x [M, K]; subclasses hold W in their format."""
+
+    fmt = ""
+    out_features: int
+    in_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state("").values())
+
+
+class F32Linear(Linear):
+    fmt = "fp32"
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w if w.dtype == torch.float32 and w.is_contiguous() else w.float().contiguous()
+        self.out_features, self.in_features = self.w.shape
+        self._np = self.w.numpy()
+
+    def __call__(self, x):
+        if x.shape[0] <= NUMPY_MAX_ROWS:
+            xn = x.numpy()
+            if x.shape[0] == 1:
+                return torch.from_numpy(np.matmul(self._np, xn[0]))[None]
+            return torch.from_numpy(np.matmul(xn, self._np.T))
+        return F.linear(x, self.w)
+
+    def state(self, prefix):
+        return {prefix + "weight": self.w}
+
+
+class BF16Linear(Linear):
+    fmt = "bf16"
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w.to(torch.bfloat16).contiguous()
+        self.out_features, self.in_features = self.w.shape
+
+    def __call__(self, x):
+        return F.linear(x.to(torch.bfloat16), self.w).float()
+
+    def state(self, prefix):
+        return {prefix + "weight": self.w}
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q int8 [N, K], scale bf16 [N]); w ≈ q * scale."""
+    w = w.float()
+    scale = (w.abs().amax(1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(Linear):
+    fmt = "int8"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != (q.shape[0],):
+            raise GebError(f"int8 layer: expected int8 [N, K] and scales [N], got {q.dtype} {tuple(q.shape)} "
+                           f"and {tuple(scale.shape)}")
+        self.q, self.scale = q, scale.to(torch.bfloat16)
+        self.out_features, self.in_features = q.shape
+
+    @classmethod
+    def from_float(cls, w):
+        return cls(*quantize_int8(w))
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.q.float() * self.scale.float()[:, None])
+
+    def __call__(self, x):
+        xb = x.to(torch.bfloat16)
+        if x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: widen once, then one BF16 GEMM
+            return F.linear(xb, self.q.to(torch.bfloat16) * self.scale[:, None]).float()
+        return torch._weight_int8pack_mm(xb, self.q, self.scale).float()
+
+    def state(self, prefix):
+        return {prefix + "qweight": self.q, prefix + "scales": self.scale}
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise int4: (nibbles uint8 [N, K/2], scale_zero bf16 [K/g, N, 2]).
+
+    w ≈ (q - 8) * scale + zero per group of `group_size` consecutive input columns; scale and zero are
+    rounded to BF16 before q is chosen, so q is the best code for the values the kernel will use.
+    """
+    n, k = w.shape
+    if group_size not in INT4_GROUPS:
+        raise GebError(f"int4 group size must be one of {INT4_GROUPS}, got {group_size}")
+    if k % group_size:
+        raise GebError(f"int4: input size {k} is not a multiple of the group size {group_size}")
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16).float()
+    zero = (lo + 8.0 * scale).to(torch.bfloat16).float()
+    q = torch.round((g - zero[..., None]) / scale[..., None] + 8.0).clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    nibbles = q[:, 0::2] | (q[:, 1::2] << 4)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return nibbles.contiguous(), sz
+
+
+def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] → int32 codes [N, K] (low nibble = even column)."""
+    n, half = nibbles.shape
+    out = torch.empty(n, half * 2, dtype=torch.int32)
+    out[:, 0::2] = nibbles & 15
+    out[:, 1::2] = nibbles >> 4
+    return out
+
+
+class Int4Linear(Linear):
+    fmt = "int4"
+
+    def __init__(self, nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int):
+        n, half = nibbles.shape
+        kp = half * 2
+        if nibbles.dtype != torch.uint8 or scale_zero.shape != (kp // group_size, n, 2) or kp % group_size:
+            raise GebError(f"int4 layer: nibbles {nibbles.dtype} {tuple(nibbles.shape)} and scales "
+                           f"{tuple(scale_zero.shape)} do not fit group size {group_size}")
+        self.nibbles, self.sz, self.group_size = nibbles, scale_zero.to(torch.bfloat16), group_size
+        self.out_features, self.in_features = n, in_features
+        self.padded_in = kp  # inputs are zero-padded up to a whole group
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles), 1)
+
+    @classmethod
+    def from_float(cls, w, group_size: int = 32):
+        n, k = w.shape
+        kp = -(-k // group_size) * group_size
+        if kp != k:  # pad input columns with zeros: they add nothing whatever their code
+            w = F.pad(w.float(), (0, kp - k))
+        return cls(*quantize_int4(w, group_size), group_size=group_size, in_features=k)
+
+    def dequantize(self) -> torch.Tensor:
+        q = unpack_nibbles(self.nibbles).float()
+        n, kp = q.shape
+        s = self.sz[..., 0].float().T.repeat_interleave(self.group_size, 1)
+        z = self.sz[..., 1].float().T.repeat_interleave(self.group_size, 1)
+        return ((q - 8.0) * s + z)[:, : self.in_features]
+
+    def __call__(self, x):
+        xb = x.to(torch.bfloat16)
+        if self.padded_in != self.in_features:
+            xb = F.pad(xb, (0, self.padded_in - self.in_features))
+        return torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group_size, self.sz).float()
+
+    def state(self, prefix):
+        return {prefix + "qweight": self.nibbles, prefix + "scales_zeros": self.sz}
+
+
+def make_linear(w: torch.Tensor, fmt: str, group_size: int = 32) -> Linear:
+    """Build a layer of format `fmt` from a full-precision weight [N, K]."""
+    if fmt == "fp32":
+        return F32Linear(w)
+    if fmt == "bf16":
+        return BF16Linear(w)
+    if fmt == "int8":
+        return Int8Linear.from_float(w)
+    if fmt == "int4":
+        return Int4Linear.from_float(w, group_size)
+    raise GebError(f"unknown format '{fmt}'")
+
+
+def linear_from_state(get, prefix: str, fmt: str, shape: tuple[int, int], group_size: int = 32) -> Linear:
+    """Rebuild a layer from stored tensors; `get(name, dtype, shape)` fetches and checks one tensor."""
+    n, k = shape
+    if fmt == "fp32":
+        return F32Linear(get(prefix + "weight", torch.float32, (n, k)))
+    if fmt == "bf16":
+        return BF16Linear(get(prefix + "weight", torch.bfloat16, (n, k)))
+    if fmt == "int8":
+        return Int8Linear(get(prefix + "qweight", torch.int8, (n, k)), get(prefix + "scales", torch.bfloat16, (n,)))
+    if fmt == "int4":
+        kp = -(-k // group_size) * group_size
+        return Int4Linear(get(prefix + "qweight", torch.uint8, (n, kp // 2)),
+                          get(prefix + "scales_zeros", torch.bfloat16, (kp // group_size, n, 2)),
+                          group_size=group_size, in_features=k)
+    raise GebError(f"unknown format '{fmt}'")
+
+
+class Embedding:
+    """Token embedding lookup in fp32, bf16 or int8 (per-row scales); returns FP32 rows."""
+
+    def __init__(self, fmt: str, w: torch.Tensor, scale: torch.Tensor | None = None):
+        self.fmt, self.w, self.scale = fmt, w, scale
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, fmt: str) -> "Embedding":
+        if fmt == "int8":
+            return cls("int8", *quantize_int8(w))
+        return cls(fmt, w.to(torch.bfloat16 if fmt == "bf16" else torch.float32).contiguous())
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.w[ids].float()
+        if self.scale is not None:
+            rows = rows * self.scale[ids].float()[..., None]
+        return rows
+
+    def state(self, prefix):
+        if self.fmt == "int8":
+            return {prefix + "qweight": self.w, prefix + "scales": self.scale}
+        return {prefix + "weight": self.w}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state("").values())

@@ -1,0 +1,49 @@
+"""The CLI: every subcommand has --help; errors print one line, not a traceback; generate/chat run."""
+
+import pytest
+
+from geb.cli import COMMANDS, main
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for name, (_, help_) in COMMANDS.items():
+        assert name in out and help_ in out
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_subcommand_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"geb {name}" in out and COMMANDS[name][1] in out
+
+
+def test_info_json(capsys):
+    import json
+
+    assert main(["info", "--config", "geb-1.3b", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 1_348_044_800
+    assert info["bytes"]["fp32"] == 4 * 1_348_044_800 and info["bytes"]["bf16"] == 2 * 1_348_044_800
+
+
+def test_errors_are_one_line(capsys, tmp_path):
+    rc = main(["generate", "hi", "--model", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model folder not found" in err and "Traceback" not in err
+
+
+def test_generate_and_chat_subprocess(geb_cli, tiny_model_dir):
+    p = geb_cli("generate", "北京", "--model", tiny_model_dir, "--greedy", "--max-new-tokens", "5")
+    assert p.stdout.startswith("北京")
+    p = geb_cli("chat", "--model", tiny_model_dir, "--greedy", "--max-new-tokens", "4",
+                input="hello\n/reset\n你好\n/quit\n")
+    assert p.stdout.count("geb> ") == 2
+
+
+def test_prompt_longer_than_context(geb_cli, tiny_model_dir):
+    p = geb_cli("generate", "a " * 400, "--model", tiny_model_dir, check=False)
+    assert p.returncode == 2 and "context" in p.stderr and "Traceback" not in p.stderr
