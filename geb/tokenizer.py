@@ -76,8 +76,10 @@ class Tokenizer:
             ids[t] = self._tok.token_to_id(t)
             if ids[t] is None:
                 raise GebError(f"{self.source}: chat format '{fmt.name}' names token {t!r}, which the tokenizer lacks")
-        self.eos_id = ids[fmt.eos] if fmt.eos else None
         self._stop_ids = [ids[t] for t in fmt.stop]
+        # A format without an end-of-document token (e.g. "plain") falls back to its first stop token;
+        # training an imported model needs one of the two.
+        self.eos_id = ids[fmt.eos] if fmt.eos else (self._stop_ids[0] if self._stop_ids else None)
         self.im_start_id = self._tok.token_to_id(IM_START)
         self.im_end_id = self._stop_ids[0] if self._stop_ids else None
 

@@ -9,6 +9,15 @@ transformers = pytest.importorskip("transformers")
 
 from geb.errors import GebError  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: a second OpenMP worker only spins, 10-30x slower on a busy 2-core machine (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 TEXT = ("GEB-1.3B 在 2024 年发布，训练了 550B tokens。 The capital of France is Paris!\n\n"
         "  def f(x):\n\treturn x**2 😀🎉 𠀀𪚥 ١٢٣ Ünïcödé")
 CHAT = [{"role": "system", "content": "你是一个有用的助手。"}, {"role": "user", "content": "What is 2+2? 二加二？"},
@@ -61,7 +70,7 @@ def test_partial_rotary_is_refused_and_nothing_written(tmp_path, tokenizer, tiny
 
 
 def test_cli_export_hf(tmp_path, tiny_model_dir, geb_cli):
-    geb_cli("export", "hf", "--model", tiny_model_dir, "--out", tmp_path / "hf", "--dtype", "bfloat16")
+    geb_cli("export", "hf", "--model", tiny_model_dir, "--out", tmp_path / "hf", "--dtype", "bfloat16", "--threads", "1")
     cfg = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
     assert cfg.model_type == "llama" and cfg.num_key_value_heads == 2
     from safetensors import safe_open

@@ -16,6 +16,15 @@ pytest.importorskip("google.protobuf")
 
 from geb.errors import GebError  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: a second OpenMP worker only spins, 10-30x slower on a busy 2-core machine (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 TEXT = "GEB-1.3B 在 2024 年发布。 The capital of France is Paris! 北京是中国的首都。 1234 😀 𠀀"
 
 
@@ -211,7 +220,8 @@ def test_verify_finds_the_layout(tmp_path, sp_model, trained):
 
 def test_cli_verify_then_import(tmp_path, sp_model, trained, geb_cli):
     write_release(tmp_path / "rel", trained, sp_model, kv_order="interleaved", mlp_order="gate-up", rope="chatglm")
-    p = geb_cli("import", "geb", tmp_path / "rel", "--verify", "--out", tmp_path / "geb", "--chat-format", "plain")
+    p = geb_cli("import", "geb", tmp_path / "rel", "--verify", "--out", tmp_path / "geb", "--chat-format", "plain",
+                "--threads", "1")
     assert '"rope": "chatglm"' in p.stdout and (tmp_path / "geb" / "model.safetensors").is_file()
     meta = json.loads((tmp_path / "geb" / "meta.json").read_text())
     assert meta["conventions"]["rope"] == "chatglm" and meta["chat_format"]["name"] == "plain"

@@ -12,6 +12,15 @@ transformers = pytest.importorskip("transformers")
 from geb.errors import GebError  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: a second OpenMP worker only spins, 10-30x slower on a busy 2-core machine (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _llama(tmp_path, tokenizer, *, tied, heads, kv, name="hf", shard=None, head_dim=None):
     torch.manual_seed(11)
     cfg = transformers.LlamaConfig(
@@ -51,7 +60,7 @@ def test_sharded_checkpoint_and_cli(tmp_path, tokenizer, geb_cli):
 
     hf, folder = _llama(tmp_path, tokenizer, tied=False, heads=4, kv=2, shard="40KB")
     assert (folder / "model.safetensors.index.json").is_file()
-    geb_cli("import", "hf", folder, "--out", tmp_path / "geb")
+    geb_cli("import", "hf", folder, "--out", tmp_path / "geb", "--threads", "1")
     model, _, _ = load_model(tmp_path / "geb")
     ids = torch.arange(5, 30)[None]
     with torch.no_grad():
