@@ -262,7 +262,9 @@ def run_child(engine: str, fmt: str, file: Path, a) -> dict:
            "--threads", str(a.threads), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if engine == "geb" and a.omp_wait_policy != "inherit":
-        env["OMP_WAIT_POLICY"] = a.omp_wait_policy.upper()
+        from geb.infer.bench import wait_env
+
+        env.update(wait_env(a.omp_wait_policy))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"{engine} {fmt} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")

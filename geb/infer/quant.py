@@ -27,7 +27,8 @@ from geb.errors import GebError
 FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel accepts
 NUMPY_MAX_ROWS = 8  # up to this many rows fp32 goes through numpy (matrix-vector territory)
-DEQUANT_MIN_ROWS = 32  # from this many rows (prefill) int8 weights are widened to BF16 for a real GEMM
+DEQUANT_MIN_ROWS = 32  # from this many rows (prefill) int8/int4 weights are widened to BF16 for a GEMM
+DEQUANT_BLOCK = 2048  # output rows widened at a time: bounds the temporary BF16 copy (~8 MiB at K=2048)
 
 
 def check_format(fmt: str) -> str:
@@ -136,8 +137,12 @@ class Int8Linear(Linear):
 
     def __call__(self, x):
         xb = x.to(torch.bfloat16)
-        if x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: widen once, then one BF16 GEMM
-            return F.linear(xb, torch.mul(self.q, self.scale[:, None])).float()
+        if x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
+            out = torch.empty(x.shape[0], self.out_features)
+            for n0 in range(0, self.out_features, DEQUANT_BLOCK):
+                n1 = min(n0 + DEQUANT_BLOCK, self.out_features)
+                out[:, n0:n1] = F.linear(xb, torch.mul(self.q[n0:n1], self.scale[n0:n1, None]))
+            return out
         return torch._weight_int8pack_mm(xb, self.q, self.scale).float()
 
     def state(self, prefix):
@@ -234,27 +239,32 @@ class Int4Linear(Linear):
         q = self._codes().view(n, g, self.group_size)
         return torch.addcmul(z.to(dtype), q.to(dtype), s.to(dtype)).reshape(n, -1)
 
-    def _dequant_t_bf16(self) -> torch.Tensor:
-        """BF16 W.T [K_padded, N] straight from torch's packed layout (64-row blocks): the nibbles of
-        8 bytes are split at once as int64, and rows stay in 32-byte runs (cheap to reorder)."""
-        n, kp, gs = self.out_features, self.padded_in, self.group_size
-        nb = n // 64
-        p64 = self.packed.view(-1).view(torch.int64)
+    def _dequant_t_bf16(self, n0: int, n1: int) -> torch.Tensor:
+        """BF16 W.T [K_padded, n1 - n0] for output rows n0:n1 (multiples of 64) straight from torch's
+        packed layout: nibbles of 8 bytes are split at once as int64, rows move in 32-byte runs."""
+        kp, gs = self.padded_in, self.group_size
+        nb, n = (n1 - n0) // 64, n1 - n0
+        p64 = self.packed.view(-1, kp * 32)[n0 // 64 : n1 // 64].reshape(-1).view(torch.int64)
         lo = (p64 & _LOW_NIBBLES).view(torch.uint8).view(nb, kp, 32)
         hi = ((p64 >> 4) & _LOW_NIBBLES).view(torch.uint8).view(nb, kp, 32)
-        qt = torch.stack([lo.transpose(0, 1), hi.transpose(0, 1)], 2)  # [kp, nb, 2, 32] = [kp, N]
-        s = self.sz[..., 0][:, None, :]
-        z = (self.sz[..., 1].float() - 8.0 * self.sz[..., 0].float()).to(torch.bfloat16)[:, None, :]
+        qt = torch.stack([lo.transpose(0, 1), hi.transpose(0, 1)], 2)  # [kp, nb, 2, 32] = [kp, n]
+        sc = self.sz[:, n0:n1]
+        s = sc[..., 0][:, None, :]
+        z = (sc[..., 1].float() - 8.0 * sc[..., 0].float()).to(torch.bfloat16)[:, None, :]
         return torch.addcmul(z, qt.view(kp // gs, gs, n), s).view(kp, n)
 
     def __call__(self, x):
         xb = x.to(torch.bfloat16)
         if self.padded_in != self.in_features:
             xb = F.pad(xb, (0, self.padded_in - self.in_features))
-        if x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: widen once, then one BF16 GEMM
-            if self._nibbles is None:
-                return torch.matmul(xb, self._dequant_t_bf16()).float()
-            return F.linear(xb, self._dequant_padded(torch.bfloat16)).float()
+        if x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
+            if self._nibbles is not None:
+                return F.linear(xb, self._dequant_padded(torch.bfloat16)).float()
+            out = torch.empty(x.shape[0], self.out_features)
+            for n0 in range(0, self.out_features, DEQUANT_BLOCK):
+                n1 = min(n0 + DEQUANT_BLOCK, self.out_features)
+                out[:, n0:n1] = torch.matmul(xb, self._dequant_t_bf16(n0, n1))
+            return out
         return torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group_size, self.sz).float()
 
     def state(self, prefix):
