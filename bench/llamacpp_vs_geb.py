@@ -195,7 +195,7 @@ def child_geb(args) -> dict:
     t0 = time.perf_counter()
     if args.format == "fp32":
         st = SafeTensorsMap(Path(args.file))
-        rt = build_runtime(cfg, st.get, "fp32")
+        rt = build_runtime(cfg, st.get, "fp32", release=st.release)
     else:
         folder = Path(args.file)
         cfg, q = read_config(folder)
@@ -222,8 +222,10 @@ def child_llama(args) -> dict:
     rng = np.random.default_rng(0)
     prompt = rng.integers(300, cfg.vocab_size, n).tolist()
 
-    def argmax():
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    n_vocab = llm.n_vocab()
+
+    def argmax():  # logits of the last evaluated token (llama-cpp-python keeps no copy without logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
 
     llm.eval(prompt[:8])  # warm up, as geb's bench does
     for _ in range(4):
@@ -259,6 +261,10 @@ def run_child(engine: str, fmt: str, file: Path, a) -> dict:
     cmd = [sys.executable, __file__, "--child", engine, "--format", fmt, "--file", str(file), "--config", a.config,
            "--threads", str(a.threads), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if engine == "geb" and a.omp_wait_policy != "inherit":
+        from geb.infer.bench import wait_env
+
+        env.update(wait_env(a.omp_wait_policy))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"{engine} {fmt} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
@@ -274,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=2, help="alternating repetitions per format (median)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "inherit"],
+                    help="OpenMP wait policy of geb's processes (llama.cpp has its own thread pool)")
     ap.add_argument("--workdir", default="/tmp/geb-bench", help="where weight files are written once and reused")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/llamacpp_vs_geb-<config>-<date>.json)")
     ap.add_argument("--child", choices=["geb", "llama"], help=argparse.SUPPRESS)
@@ -340,15 +348,41 @@ def main(argv=None) -> int:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python bench/llamacpp_vs_geb.py " + " ".join(sys.argv[1:]),
               "machine": machine_info(), "llama_cpp_python": llama_cpp.__version__,
-              "settings": {k: getattr(a, k) for k in ("config", "formats", "threads", "prompt_len", "new_tokens", "reps", "seed")},
+              "settings": {k: getattr(a, k) for k in ("config", "formats", "threads", "prompt_len", "new_tokens", "reps",
+                                                    "seed", "omp_wait_policy")},
               "note": "ratio = geb / llama.cpp for tokens/s, llama.cpp / geb for ttft_s (above 1: geb better)",
               "summary": summary, "runs": runs, "wall_s": time.time() - t_start}
     out = Path(a.out) if a.out else ROOT / "bench" / "results" / (
         f"llamacpp_vs_geb-{a.config}-{datetime.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out} ({time.time() - t_start:.0f} s)")
+    md = markdown(report)
+    out.with_suffix(".md").write_text(md)
+    print("\n" + md)
+    print(f"wrote {out} and {out.with_suffix('.md').name} ({time.time() - t_start:.0f} s)")
     return 0
+
+
+def markdown(report: dict) -> str:
+    """The summary as a table for docs/benchmarks.md."""
+    st = report["settings"]
+    m = report["machine"]
+    lines = [f"{report['date'][:10]}, {m['cpu']} ({m['physical_cores']} cores), torch {m['torch']}, "
+             f"llama-cpp-python {report['llama_cpp_python']}; `{report['command']}`; {st['threads']} threads, "
+             f"prompt {st['prompt_len']}, {st['new_tokens']} new tokens, {st['reps']} alternating reps (median).",
+             "", "Ratio geb / llama.cpp: above 1 is better for tok/s, below 1 is better for time and memory.", "",
+             "| format | phase | geb | llama.cpp | geb / llama.cpp |", "|---|---|---|---|---|"]
+    names = {"prefill_tok_s": "prefill tok/s", "decode_tok_s": "decode tok/s (empty context)",
+             "decode_at_depth_tok_s": f"decode tok/s (after {st['prompt_len']})", "ttft_s": "time to first token, s"}
+    for fmt, rows in report["summary"].items():
+        for ph, name in names.items():
+            r = rows[ph]
+            ratio = r["geb"] / r["llama.cpp"]
+            lines.append(f"| {fmt} ↔ {GGUF_TYPE[fmt]} | {name} | {r['geb']:.2f} | {r['llama.cpp']:.2f} | {ratio:.2f} |")
+        rss = rows["peak_rss_gib"]
+        lines.append(f"| {fmt} ↔ {GGUF_TYPE[fmt]} | peak RSS, GiB | {rss['geb']:.2f} | {rss['llama.cpp']:.2f} | "
+                     f"{rss['geb'] / rss['llama.cpp']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -118,9 +118,11 @@ def test_batch_generation_equals_one_by_one(tiny_cfg, tokenizer):
           SamplingParams(max_new_tokens=6, temperature=0, repetition_penalty=1.3),
           SamplingParams(max_new_tokens=9, temperature=1.0, seed=11)]
     batch = eng.generate_batch(prompts, ps)
-    for prompt, p, b in zip(prompts, ps, batch):
+    queued = eng.generate_batch(prompts, ps, max_batch=2)  # later prompts wait for a free slot
+    for prompt, p, b, q in zip(prompts, ps, batch, queued):
         one = _alone(eng, prompt, p)
         assert (b.ids, b.text, b.finish_reason) == (one.ids, one.text, one.finish_reason)
+        assert q.ids == one.ids
     assert any(len(b.ids) > 1 for b in batch)
 
 

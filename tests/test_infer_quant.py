@@ -27,6 +27,14 @@ def test_int8_and_int4_layers_match_their_dequantized_weights():
         # and the dequantized weight is close to the original (int8 ~0.4% of range, int4 ~7%)
         rel = ((deq - w).abs().max() / w.abs().max()).item()
         assert rel < (0.01 if isinstance(layer, Int8Linear) else 0.08)
+    # int8 prefill (many rows) widens the weight in row blocks: same products
+    from geb.infer.quant import DEQUANT_BLOCK
+
+    w8 = torch.randn(DEQUANT_BLOCK + 100, 64, generator=g)
+    layer = Int8Linear.from_float(w8)
+    xs = torch.randn(40, 64, generator=g)
+    ref = xs.bfloat16().float() @ layer.dequantize().T
+    torch.testing.assert_close(layer(xs), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
 def test_int4_pads_inputs_that_are_not_whole_groups():
@@ -125,3 +133,21 @@ def test_perplexity_per_format_close_to_fp32(tiny_model_dir):
     assert 100 < ppl["fp32"] < 2000
     assert abs(ppl["int8"] / ppl["fp32"] - 1) < 0.01
     assert abs(ppl["int4"] / ppl["fp32"] - 1) < 0.05
+
+
+def test_int4_from_packed_layout_only():
+    """A loaded int4 layer drops its nibbles and reads codes back from torch's packed layout."""
+    from geb.infer.quant import DEQUANT_BLOCK
+
+    n = DEQUANT_BLOCK + 64  # prefill widens in blocks of rows: cover a partial last block
+    w = torch.randn(n, 128, generator=torch.Generator().manual_seed(2)) * 0.05
+    full = Int4Linear.from_float(w, 32)
+    packed_only = Int4Linear(full.nibbles, full.sz, 32, 128, keep_nibbles=False)
+    assert packed_only._nibbles is None
+    assert torch.equal(packed_only.nibbles, full.nibbles)
+    assert torch.equal(packed_only.dequantize(), full.dequantize())
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(3))  # >= 32 rows: prefill path
+    ref = x.bfloat16().float() @ full.dequantize().T
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(packed_only(x), ref, rtol=2e-2, atol=2e-2 * scale)
+    torch.testing.assert_close(packed_only(x[:3]), ref[:3], rtol=2e-2, atol=2e-2 * scale)  # decode kernel

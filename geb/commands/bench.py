@@ -17,6 +17,9 @@ def configure(p) -> None:
     p.add_argument("--reps", type=int, default=1, help="repetitions per measurement (median)")
     p.add_argument("--bandwidth", action="store_true", help="also measure memory read bandwidth (decode bound)")
     p.add_argument("--no-isolate", action="store_true", help="run all formats in this process (peak RSS is then shared)")
+    p.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "inherit"],
+                   help="OpenMP wait policy of the measuring processes (default passive: idle torch workers "
+                        "sleep; inherit: leave OMP_WAIT_POLICY as it is)")
     p.add_argument("--json", dest="json_out", help="write results to this JSON file")
 
 
@@ -59,7 +62,8 @@ def run(args) -> int:
     print(f"geb bench: {args.model or args.config} ({cfg.num_params():,} parameters), formats {formats}, "
           f"threads {threads}, prompt {args.prompt_len}, new tokens {args.new_tokens}")
     specs = [{**spec, "format": f, "threads": t} for t in threads for f in formats]
-    results = run_bench(specs, isolate=not args.no_isolate)
+    policy = None if args.omp_wait_policy == "inherit" else args.omp_wait_policy.upper()
+    results = run_bench(specs, isolate=not args.no_isolate, omp_wait_policy=policy)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "geb " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "geb bench",
               "machine": machine_info(), "results": results}

@@ -162,11 +162,16 @@ class BatchEngine:
         for r in list(self.active):  # a request sampled in the last step is live until fed
             if r.id in cancel:
                 self._finish(r, "cancelled", events)
-        with self.rt.threads_scope():
-            for r in admit:
+        # No thread-count restore per step: the scheduler's loop owns its thread, and resizing
+        # torch's pool every step would cost more than the step's small ops.
+        for r in admit:
+            try:
                 self._admit(r, events)
-            if self.active:
-                self._decode(events)
+            except GebError as e:  # a bad request fails alone; the batch goes on
+                r.error = str(e)
+                self._finish(r, "error", events)
+        if self.active:
+            self._decode(events)
         return events
 
     def _admit(self, r: Request, events: list[Event]) -> None:

@@ -58,6 +58,14 @@ def random_runtime(cfg: ModelConfig, fmt: str, group_size: int = 32, seed: int =
     return build_runtime(cfg, get, fmt, group_size, info={"source": "random"})
 
 
+def _current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -109,12 +117,7 @@ def bench_runtime(rt: Runtime, prompt_len: int = 512, new_tokens: int = 128, rep
 
 def bytes_per_token(rt: Runtime) -> int:
     """Weight bytes read to decode one token: all but the embedding table, which is a row lookup."""
-    emb = {t.data_ptr() for t in rt.emb.state("").values()}
-    head = {t.data_ptr() for t in rt.head.state("").values()}
-    n = rt.weight_bytes
-    if not emb & head:
-        n -= rt.emb.nbytes
-    return n
+    return rt.weight_bytes - (0 if rt.head_shares_embedding else rt.emb.nbytes)
 
 
 def bench_format(spec: dict) -> dict:
@@ -122,6 +125,7 @@ def bench_format(spec: dict) -> dict:
     from geb.config import get_preset
 
     torch.set_num_threads(spec["threads"])
+    base_rss = _current_rss_bytes()  # the interpreter and torch, before any weights
     t0 = time.perf_counter()
     if spec.get("model"):
         from geb.infer.weights import load_runtime
@@ -133,24 +137,55 @@ def bench_format(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     rt.set_threads(spec["threads"])
     res = bench_runtime(rt, spec["prompt_len"], spec["new_tokens"], spec.get("reps", 1))
-    res.update({"format": rt.fmt, "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
+    peak = peak_rss_bytes()
+    res.update({"format": rt.fmt, "load_s": load_s, "peak_rss_bytes": peak, "base_rss_bytes": base_rss,
+                "peak_over_weights_kv": (peak - base_rss) / (res["weight_bytes"] + res["kv_cache_bytes"]),
                 "group_size": rt.info.get("group_size"), "head_format": rt.info.get("head_format"),
                 "embedding_format": rt.info.get("embedding_format")})
     return res
 
 
-def run_bench(specs: list[dict], isolate: bool = True, log=print) -> list[dict]:
-    """Run each spec (see bench_format) in its own spawned process (or inline when isolate=False)."""
+WAIT_ENV = ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+
+
+def wait_env(policy: str) -> dict[str, str]:
+    """Environment for a process's thread pools, read once when torch and numpy load. PASSIVE also
+    shortens OpenBLAS's idle spin (FP32 decode): 1.6x faster on the busy machine."""
+    env = {"OMP_WAIT_POLICY": policy.upper()}
+    if policy.upper() == "PASSIVE":
+        env["OPENBLAS_THREAD_TIMEOUT"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")
+    return env
+
+
+def run_bench(specs: list[dict], isolate: bool = True, log=print, omp_wait_policy: str | None = "PASSIVE") -> list[dict]:
+    """Run each spec (see bench_format) in its own spawned process (or inline when isolate=False).
+
+    `omp_wait_policy` is given to the children's OpenMP runtime (it is read once, when torch loads):
+    PASSIVE lets idle torch workers sleep instead of spinning, which on a machine shared with other
+    work was 3-8x faster at decode (spinning workers take the time slices the working thread needs).
+    None leaves the environment as it is.
+    """
     out = []
     for spec in specs:
         log(f"  {spec['format']:>5} threads={spec['threads']} ...")
         if isolate:
             import multiprocessing as mp
 
-            with mp.get_context("spawn").Pool(1) as pool:
-                res = pool.apply(bench_format, (spec,))
+            saved = {k: os.environ.get(k) for k in WAIT_ENV}
+            if omp_wait_policy:
+                os.environ.update(wait_env(omp_wait_policy))
+            try:
+                with mp.get_context("spawn").Pool(1) as pool:
+                    res = pool.apply(bench_format, (spec,))
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         else:
             res = bench_format(spec)
+        res["omp_wait_policy"] = (omp_wait_policy if isolate else None) or os.environ.get("OMP_WAIT_POLICY")
         out.append(res)
         log("        " + format_row(res))
     return out
@@ -159,7 +194,9 @@ def run_bench(specs: list[dict], isolate: bool = True, log=print) -> list[dict]:
 def format_row(r: dict) -> str:
     return (f"{r['format']:>5} t{r['threads']}: prefill {r['prefill_tok_s']:8.1f} tok/s  ttft {r['ttft_s']:6.3f} s  "
             f"decode {r['decode_tok_s']:7.2f} tok/s  @{r['prompt_len']}: {r['decode_at_depth_tok_s']:7.2f} tok/s  "
-            f"weights {r['weight_bytes'] / 2**20:8.1f} MiB  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB")
+            f"weights {r['weight_bytes'] / 2**20:8.1f} MiB  peak RSS {r['peak_rss_bytes'] / 2**20:8.1f} MiB"
+            + (f" ({r['peak_over_weights_kv']:.2f}x weights+KV above the {r['base_rss_bytes'] / 2**20:.0f} MiB "
+               "of torch itself)" if "peak_over_weights_kv" in r else ""))
 
 
 _READ_LOOP = r"""

@@ -87,19 +87,19 @@ class Engine:
         gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
         cache = SlotCache(self.cfg, 1, n + budget)
         seen = list(prompt_ids)
+        # One thread scope for the whole sequence: switching torch's pool per token costs time.
         with self.rt.threads_scope():
             logits = self.rt.prefill(prompt_ids, cache, 0)
-        for i in range(budget):
-            pen = torch.tensor([seen]) if p.repetition_penalty != 1.0 else None
-            t = int(sample_next(mask_padding(logits[None], self.tok.vocab_size), p, pen, gen))
-            if t in stop_ids:
-                state["finish"] = "stop"
-                return
-            yield t
-            if i + 1 == budget:
-                return
-            seen.append(t)
-            with self.rt.threads_scope():
+            for i in range(budget):
+                pen = torch.tensor([seen]) if p.repetition_penalty != 1.0 else None
+                t = int(sample_next(mask_padding(logits[None], self.tok.vocab_size), p, pen, gen))
+                if t in stop_ids:
+                    state["finish"] = "stop"
+                    return
+                yield t
+                if i + 1 == budget:
+                    return
+                seen.append(t)
                 logits = self.rt.decode(torch.tensor([t]), cache)[0]
 
     def logits(self, ids: list[int]) -> torch.Tensor:

@@ -27,7 +27,8 @@ from geb.errors import GebError
 FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel accepts
 NUMPY_MAX_ROWS = 8  # up to this many rows fp32 goes through numpy (matrix-vector territory)
-DEQUANT_MIN_ROWS = 32  # from this many rows (prefill) int8 weights are widened to BF16 for a real GEMM
+DEQUANT_MIN_ROWS = 32  # from this many rows (prefill) int8/int4 weights are widened to BF16 for a GEMM
+DEQUANT_BLOCK = 2048  # output rows widened at a time: bounds the temporary BF16 copy (~8 MiB at K=2048)
 
 
 def check_format(fmt: str) -> str:
@@ -75,17 +76,38 @@ class F32Linear(Linear):
 
 
 class BF16Linear(Linear):
+    """BF16 weights pre-packed once into oneDNN's blocked layout where torch has oneDNN: its inner
+    product is then ~1.5x faster at batch 1 than `F.linear` on the plain weight (same results)."""
+
     fmt = "bf16"
 
     def __init__(self, w: torch.Tensor):
-        self.w = w.to(torch.bfloat16).contiguous()
-        self.out_features, self.in_features = self.w.shape
+        w = w.to(torch.bfloat16).contiguous()
+        self.out_features, self.in_features = w.shape
+        self.packed = _onednn_pack(w)
+        self.w = w if self.packed is None else None  # the packed copy replaces the plain one
 
     def __call__(self, x):
-        return F.linear(x.to(torch.bfloat16), self.w).float()
+        xb = x.to(torch.bfloat16)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], "").float()
+        return F.linear(xb, self.w).float()
 
     def state(self, prefix):
-        return {prefix + "weight": self.w}
+        return {prefix + "weight": self.w if self.w is not None else self.packed.to_dense()}
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features * 2
+
+
+def _onednn_pack(w: torch.Tensor):
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w, 1)
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +137,12 @@ class Int8Linear(Linear):
 
     def __call__(self, x):
         xb = x.to(torch.bfloat16)
-        if x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: widen once, then one BF16 GEMM
-            return F.linear(xb, self.q.to(torch.bfloat16) * self.scale[:, None]).float()
+        if x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
+            out = torch.empty(x.shape[0], self.out_features)
+            for n0 in range(0, self.out_features, DEQUANT_BLOCK):
+                n1 = min(n0 + DEQUANT_BLOCK, self.out_features)
+                out[:, n0:n1] = F.linear(xb, torch.mul(self.q[n0:n1], self.scale[n0:n1, None]))
+            return out
         return torch._weight_int8pack_mm(xb, self.q, self.scale).float()
 
     def state(self, prefix):
@@ -153,19 +179,25 @@ def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
+
+
 class Int4Linear(Linear):
     fmt = "int4"
 
-    def __init__(self, nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int):
+    def __init__(self, nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int,
+                 keep_nibbles: bool = True):
         n, half = nibbles.shape
         kp = half * 2
         if nibbles.dtype != torch.uint8 or scale_zero.shape != (kp // group_size, n, 2) or kp % group_size:
             raise GebError(f"int4 layer: nibbles {nibbles.dtype} {tuple(nibbles.shape)} and scales "
                            f"{tuple(scale_zero.shape)} do not fit group size {group_size}")
-        self.nibbles, self.sz, self.group_size = nibbles, scale_zero.to(torch.bfloat16), group_size
+        self.sz, self.group_size = scale_zero.to(torch.bfloat16), group_size
         self.out_features, self.in_features = n, in_features
         self.padded_in = kp  # inputs are zero-padded up to a whole group
         self.packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles), 1)
+        # The packed layout of whole 64-row blocks is known (see _codes); other shapes keep the nibbles.
+        self._nibbles = nibbles if keep_nibbles or n % 64 else None
 
     @classmethod
     def from_float(cls, w, group_size: int = 32):
@@ -175,21 +207,72 @@ class Int4Linear(Linear):
             w = F.pad(w.float(), (0, kp - k))
         return cls(*quantize_int4(w, group_size), group_size=group_size, in_features=k)
 
-    def dequantize(self) -> torch.Tensor:
-        q = unpack_nibbles(self.nibbles).float()
-        n, kp = q.shape
-        s = self.sz[..., 0].float().T.repeat_interleave(self.group_size, 1)
-        z = self.sz[..., 1].float().T.repeat_interleave(self.group_size, 1)
-        return ((q - 8.0) * s + z)[:, : self.in_features]
+    def _codes(self) -> torch.Tensor:
+        """uint8 codes [N, K] (0..15)."""
+        n, kp = self.out_features, self.padded_in
+        if self._nibbles is not None:
+            nib = self._nibbles
+            return torch.stack([nib & 15, nib >> 4], -1).view(n, kp)
+        # torch's CPU layout: per block of 64 rows, for each input k, 32 bytes: row j low, row j+32 high
+        blk = self.packed.view(n // 64, kp, 32)
+        out = torch.empty(n // 64, 2, 32, kp, dtype=torch.uint8)
+        out[:, 0] = (blk & 15).transpose(1, 2)
+        out[:, 1] = (blk >> 4).transpose(1, 2)
+        return out.view(n, kp)
+
+    @property
+    def nibbles(self) -> torch.Tensor:
+        if self._nibbles is not None:
+            return self._nibbles
+        q = self._codes()
+        return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The weight [N, K] the kernel multiplies by: (q - 8) * scale + zero."""
+        w = self._dequant_padded(dtype)
+        return w if self.padded_in == self.in_features else w[:, : self.in_features]
+
+    def _dequant_padded(self, dtype) -> torch.Tensor:
+        n, g = self.out_features, self.padded_in // self.group_size
+        s = self.sz[..., 0].T.float()[..., None]
+        z = (self.sz[..., 1].T.float() - 8.0 * self.sz[..., 0].T.float())[..., None]
+        q = self._codes().view(n, g, self.group_size)
+        return torch.addcmul(z.to(dtype), q.to(dtype), s.to(dtype)).reshape(n, -1)
+
+    def _dequant_t_bf16(self, n0: int, n1: int) -> torch.Tensor:
+        """BF16 W.T [K_padded, n1 - n0] for output rows n0:n1 (multiples of 64) straight from torch's
+        packed layout: nibbles of 8 bytes are split at once as int64, rows move in 32-byte runs."""
+        kp, gs = self.padded_in, self.group_size
+        nb, n = (n1 - n0) // 64, n1 - n0
+        p64 = self.packed.view(-1, kp * 32)[n0 // 64 : n1 // 64].reshape(-1).view(torch.int64)
+        lo = (p64 & _LOW_NIBBLES).view(torch.uint8).view(nb, kp, 32)
+        hi = ((p64 >> 4) & _LOW_NIBBLES).view(torch.uint8).view(nb, kp, 32)
+        qt = torch.stack([lo.transpose(0, 1), hi.transpose(0, 1)], 2)  # [kp, nb, 2, 32] = [kp, n]
+        sc = self.sz[:, n0:n1]
+        s = sc[..., 0][:, None, :]
+        z = (sc[..., 1].float() - 8.0 * sc[..., 0].float()).to(torch.bfloat16)[:, None, :]
+        return torch.addcmul(z, qt.view(kp // gs, gs, n), s).view(kp, n)
 
     def __call__(self, x):
         xb = x.to(torch.bfloat16)
         if self.padded_in != self.in_features:
             xb = F.pad(xb, (0, self.padded_in - self.in_features))
+        if x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
+            if self._nibbles is not None:
+                return F.linear(xb, self._dequant_padded(torch.bfloat16)).float()
+            out = torch.empty(x.shape[0], self.out_features)
+            for n0 in range(0, self.out_features, DEQUANT_BLOCK):
+                n1 = min(n0 + DEQUANT_BLOCK, self.out_features)
+                out[:, n0:n1] = torch.matmul(xb, self._dequant_t_bf16(n0, n1))
+            return out
         return torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group_size, self.sz).float()
 
     def state(self, prefix):
         return {prefix + "qweight": self.nibbles, prefix + "scales_zeros": self.sz}
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + self.sz.numel() * 2
 
 
 def make_linear(w: torch.Tensor, fmt: str, group_size: int = 32) -> Linear:
@@ -205,7 +288,8 @@ def make_linear(w: torch.Tensor, fmt: str, group_size: int = 32) -> Linear:
     raise GebError(f"unknown format '{fmt}'")
 
 
-def linear_from_state(get, prefix: str, fmt: str, shape: tuple[int, int], group_size: int = 32) -> Linear:
+def linear_from_state(get, prefix: str, fmt: str, shape: tuple[int, int], group_size: int = 32,
+                      keep_nibbles: bool = True) -> Linear:
     """Rebuild a layer from stored tensors; `get(name, dtype, shape)` fetches and checks one tensor."""
     n, k = shape
     if fmt == "fp32":
@@ -218,7 +302,7 @@ def linear_from_state(get, prefix: str, fmt: str, shape: tuple[int, int], group_
         kp = -(-k // group_size) * group_size
         return Int4Linear(get(prefix + "qweight", torch.uint8, (n, kp // 2)),
                           get(prefix + "scales_zeros", torch.bfloat16, (kp // group_size, n, 2)),
-                          group_size=group_size, in_features=k)
+                          group_size=group_size, in_features=k, keep_nibbles=keep_nibbles)
     raise GebError(f"unknown format '{fmt}'")
 
 

@@ -111,8 +111,17 @@ class Runtime:
         return sd
 
     @property
+    def head_shares_embedding(self) -> bool:
+        emb = {t.data_ptr() for t in self.emb.state("").values()}
+        return any(t.data_ptr() in emb for t in self.head.state("").values()) if self.head.fmt != "int4" else False
+
+    @property
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state().values())
+        n = self.emb.nbytes + self.norm.numel() * 4
+        n += 0 if self.head_shares_embedding else self.head.nbytes
+        for L in self.layers:
+            n += sum(m.nbytes for m in (L.wqkv, L.wo, L.w_gateup, L.w_down)) + 8 * self.cfg.d_model
+        return n
 
     def set_threads(self, n: int) -> None:
         self.threads = max(1, int(n))
@@ -222,8 +231,22 @@ class Runtime:
         if max(pos) >= cache.max_len:
             raise GebError(f"decode past the cache's capacity ({cache.max_len} positions)")
         numpy_path = self.fmt == "fp32" and b <= NUMPY_MAX_ROWS
-        self._use_threads(1 if numpy_path else self.threads)
-        kvh, grp, d = c.n_kv_head, c.n_head // c.n_kv_head, c.head_dim
+        # Only the weight products are worth several torch threads at decode; every other op is tiny,
+        # and each op that opens an OpenMP region pays a wake-up (a whole time slice when the machine
+        # is busy). So small ops run on one thread and the pool is widened around each product.
+        wide = 1 if numpy_path else self.threads
+        use = self._use_threads
+
+        def mm(lin, h):
+            if wide > 1:
+                use(wide)
+                out = lin(h)
+                use(1)
+                return out
+            return lin(h)
+
+        use(1)
+        kvh, grp, d, nh = c.n_kv_head, c.n_head // c.n_kv_head, c.head_dim, c.n_head
         pos_t = torch.tensor(pos)
         cos_f, sin_f = self.cos_f[pos_t][:, None], self.sin_f[pos_t][:, None]
         s = max(pos) + 1
@@ -234,7 +257,9 @@ class Runtime:
         rows = torch.arange(b)
         x = self.emb(tokens.view(-1))
         for li, L in enumerate(self.layers):
-            q, k, v = self._qkv(L, x, cos_f, sin_f)
+            qkv = mm(L.wqkv, self._norm(x, L.attn_norm)).view(b, nh + 2 * kvh, d)
+            qk = self._rope(qkv[:, : nh + kvh], cos_f, sin_f)
+            q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + kvh :]
             kc, vc = cache.k[li], cache.v[li]
             if b == 1:
                 p = pos[0]
@@ -250,11 +275,12 @@ class Runtime:
                 if bias is not None:
                     att = att + bias
                 y = torch.matmul(torch.softmax(att, -1), vc[:b, :, :s]).view(b, c.q_dim)
-            x = x + L.wo(y)
-            x = x + self._ffn(L, x)
+            x = x + mm(L.wo, y)
+            g, u = mm(L.w_gateup, self._norm(x, L.ffn_norm)).split(c.ffn_hidden, -1)
+            x = x + mm(L.w_down, F.silu(g).mul_(u))
         for i, p in enumerate(pos):
             cache.lengths[i] = p + 1
-        return self.head(self._norm(x, self.norm))
+        return mm(self.head, self._norm(x, self.norm))
 
     @torch.inference_mode()
     def forward_logits(self, ids) -> torch.Tensor:
@@ -294,8 +320,9 @@ def build_runtime(cfg: ModelConfig, get, fmt: str, group_size: int = 32, release
     def lin(names, f=fmt):
         w, ns = take(names)
         out = make_linear(w, f, group_size)
-        for n in ns:
-            release(n)
+        if len(ns) > 1 or not _uses_in_place(out, w):  # the source was copied: drop its pages
+            for n in ns:
+                release(n)
         return out
 
     layers = []
@@ -316,11 +343,16 @@ def build_runtime(cfg: ModelConfig, get, fmt: str, group_size: int = 32, release
     else:
         emb = Embedding.from_float(emb_w, emb_fmt)
         head = lin(["lm_head.weight"], head_fmt)
-    release("tok_emb.weight")
+    if emb.w.data_ptr() != emb_w.data_ptr():
+        release("tok_emb.weight")
     norm = get("norm.weight").float().clone()
     info = {"format": fmt, "group_size": group_size if fmt == "int4" else None, "embedding_format": emb_fmt,
             "head_format": head_fmt, **(info or {})}
     return Runtime(cfg, fmt, emb, layers, norm, head, info)
+
+
+def _uses_in_place(out, w: torch.Tensor) -> bool:
+    return getattr(out, "w", None) is not None and out.w.data_ptr() == w.data_ptr()
 
 
 def _embedding_sharing(head: Linear, emb_w: torch.Tensor, emb_fmt: str) -> Embedding:

@@ -177,9 +177,11 @@ def runtime_from_quantized(folder: Path, cfg: ModelConfig, q: dict) -> Runtime:
         return st.get(name, dtype, shape)
 
     def lin(prefix, shape, f=fmt):
-        out = linear_from_state(get, prefix, f, shape, gs)
-        if f == "int4":  # the nibbles have been repacked: their pages are no longer needed
+        out = linear_from_state(get, prefix, f, shape, gs, keep_nibbles=False)
+        if f == "int4":  # repacked (int4 nibbles, BF16 weights): the file's pages are no longer needed
             st.release(prefix + "qweight")
+        elif f == "bf16" and getattr(out, "packed", None) is not None:
+            st.release(prefix + "weight")
         return out
 
     d, qkv_rows = c.d_model, c.q_dim + 2 * c.kv_dim
@@ -242,9 +244,8 @@ def load_runtime(folder: str | Path, fmt: str | None = None, group_size: int = 3
         fmt = check_format(fmt or "fp32")
         st = SafeTensorsMap(folder / WEIGHTS)
         _check_full_names(st, cfg)
-        # FP32 weights stored FP32 are used in place; everything else is converted tensor by tensor.
-        rt = build_runtime(cfg, st.get, fmt, group_size, release=None if fmt == "fp32" else st.release,
-                           info={"source": str(folder)})
+        # FP32 weights stored FP32 are used in place; fused or converted ones drop the file's pages.
+        rt = build_runtime(cfg, st.get, fmt, group_size, release=st.release, info={"source": str(folder)})
     tok = Tokenizer.load(folder)
     if tok.vocab_size > cfg.vocab_size:
         raise GebError(f"{folder}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "

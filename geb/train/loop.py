@@ -6,7 +6,11 @@ data-loader state is one integer, so resume is exact and skipping data is a curs
 
 The loop owns: AdamW (decay on matrices only), warmup + cosine LR, gradient accumulation, clipping,
 BF16 autocast, periodic validation, JSONL metrics, a loss PNG, progress lines, and atomic checkpoint
-folders (weights + config + tokenizer + meta + optimizer/RNG/cursor state) that `--resume` continues.
+folders (weights + config + tokenizer + meta + loop state, with the optimizer in sharded DCP form) that
+`--resume` continues. It runs as one process or under torchrun with DDP/FSDP2 (geb.train.dist), with
+GPU throughput options and MFU logging (geb.train.perf), and with the paper's loss-spike measures
+(geb.train.stability): spike detection with batch replacement, rollback with skipped data windows,
+embedding-gradient shrink and LR adjustment. Every intervention is a `"kind": "spike"` record.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 import torch
 
-from geb.checkpoint import META, TRAIN_STATE, load_train_state, save_checkpoint
+from geb.checkpoint import META, TRAIN_STATE, load_train_state
 from geb.errors import GebError
+from geb.train import dist, perf
+from geb.train.stability import Stability, resolve
 
 
 @dataclass
@@ -48,7 +54,29 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 500
     log_every: int = 10
-    emb_grad_alpha: float = 1.0
+    # Embedding-gradient shrink (measure 3): None = 0.1 when the spike measures are on, else 1.0 (off).
+    emb_grad_alpha: float | None = None
+    # -- scale: only used under torchrun (parallel) or on GPUs; none of them changes the result
+    parallel: str = "auto"  # auto (= ddp) | ddp | fsdp
+    compile: bool = False  # torch.compile each block
+    activation_checkpointing: bool = False
+    attn: str = "sdpa"  # sdpa | sdpa-flash (SDPA pinned to FlashAttention) | flash-attn (the package)
+    peak_tflops: float | None = None  # per-device peak for MFU (default: known GPUs' BF16 peak)
+    # -- the loss-spike measures (geb.train.stability); "auto" = on for pretraining models >= 300M
+    stability: str = "auto"  # auto | on | off
+    spike_window: int = 100  # accepted losses the running statistics look at
+    spike_min_history: int = 20  # no detection (except non-finite) before this many accepted steps
+    spike_sigma: float = 6.0  # a spike is above median + max(sigma * noise, rel * median)
+    spike_rel: float = 0.1
+    spike_retries: int = 2  # measure 1: replacement batches before escalating (0 = no replacement)
+    rollback: bool = True  # measure 2: roll back to the last good snapshot and skip a data window
+    snapshot_every: int = 50  # steps between in-memory good snapshots (also taken at every save)
+    skip_before: int = 100  # data iterations skipped before the spike ...
+    skip_after: int = 100  # ... and after it
+    max_rollbacks: int = 20
+    lr_cut_after: int = 3  # measure 4: multiply the LR by lr_cut_factor after this many spikes (0 = never)
+    lr_cut_factor: float = 0.7
+    lr_preset: str = "none"  # none | small-batch (peak x0.5, cosine ends at 60% of the steps)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -123,6 +151,10 @@ def plot_losses(records: list[dict], path: Path, title: str = "loss") -> None:
         ax.plot(*zip(*tr), label="train", lw=1)
     if va:
         ax.plot(*zip(*va), "o-", label="validation", ms=3)
+    sp = [(r["step"], r["loss"]) for r in records if r.get("kind") == "spike" and r.get("action") != "lr_cut"
+          and isinstance(r.get("loss"), (int, float))]
+    if sp:
+        ax.plot(*zip(*sp), "x", color="red", label="spike (step discarded)", ms=5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
@@ -145,26 +177,33 @@ class Progress:
         print(f"step {step}/{self.total} {msg} eta {eta}", file=self.stream, flush=True)
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
     st = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
     return st
 
 
-def _set_rng_state(st: dict) -> None:
+def _set_rng_state(st: dict, device: torch.device) -> None:
     torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    if "cuda" in st and device.type == "cuda":
+        cuda = st["cuda"]
+        torch.cuda.set_rng_state(cuda if torch.is_tensor(cuda) else cuda[0], device)
+
+
+def _num(x: float):
+    """A float for JSON, or its name when not finite (strict JSON has no NaN/Infinity)."""
+    return x if math.isfinite(x) else str(x)
 
 
 @torch.no_grad()
-def evaluate(model, task: Task, device, amp_dtype) -> float:
+def evaluate(model, task: Task, device, amp_dtype, attn: str = "sdpa") -> float:
     model.eval()
     losses = []
     for b in task.val_batches():
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32), \
+                perf.attention_context(attn):
             loss, _ = task.loss(model, b)
         losses.append(float(loss))
     model.train()
@@ -177,87 +216,148 @@ def train(model, task: Task, c: TrainConfig, out_dir: str | Path, tokenizer, met
 
     `meta` carries stage, parent and data_hash; the loop adds settings, step, tokens seen and losses.
     `stop_after` ends the run early at that step without a final save (tests use it to fake a crash).
+    Under torchrun every rank calls this with the same arguments; rank 0 writes the files.
     """
     out_dir = Path(out_dir)
-    device = resolve_device(c.device)
+    env = dist.setup(c.device)
+    device = env.device
     amp_dtype = resolve_dtype(c.dtype, device)
     torch.manual_seed(c.seed)
+    desc = task.describe()
+    res = resolve(c, model.num_params(), desc.get("kind"))
+    sched = replace(c, lr=res.lr, min_lr=res.min_lr, decay_steps=res.decay_steps)
     model.to(device)
-    model.emb_grad_alpha = c.emb_grad_alpha
+    model.emb_grad_alpha = res.emb_grad_alpha
     model.train()
-    opt = make_optimizer(model, c)
+    perf.prepare(model, c, device)
+    module = dist.wrap(model, env, c.parallel, amp_dtype)
+    opt = make_optimizer(model, c)  # after wrap: FSDP2 replaces the parameters with sharded ones
+    params = [p for p in model.parameters() if p.requires_grad]
+    micros = dist.rank_micros(c.grad_accum, env)
+    stab = Stability(c, res.stability)
     step, cursor, tokens_seen, records = 0, 0, 0, []
     if resume:
+        dist.recover_folder(out_dir)
         st = load_train_state(out_dir)
-        opt.load_state_dict(st["optimizer"])
+        if dist.has_sharded_state(out_dir):
+            dist.load_training_state(out_dir, module, opt)
+        elif "optimizer" in st and not env.active:  # folders written before the optimizer moved to DCP
+            opt.load_state_dict(st["optimizer"])
+        else:
+            raise GebError(f"{out_dir}: no optimizer state to resume from")
         step, cursor, tokens_seen = st["step"], st["cursor"], st["tokens_seen"]
-        records = [r for r in st.get("records", []) if r["step"] <= step]
-        _set_rng_state(st["rng"])
+        records = list(st.get("records", []))
+        if "stability" in st:
+            stab.load_state_dict(st["stability"])
+        _set_rng_state(st["rng"], device)
     elif (out_dir / META).exists():
         raise GebError(f"{out_dir}: already holds a checkpoint; use --resume to continue it or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"train": asdict(c), "task": task.describe(), "model": model.cfg.to_dict()}
+    settings = {"train": asdict(c), "resolved": res.to_dict(), "task": desc, "model": model.cfg.to_dict(),
+                "world_size": env.world, "parallel": ("fsdp" if dist.is_fsdp(module) else "ddp") if env.active else "none"}
     live = out_dir / "metrics.jsonl"
+    if env.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # The live log restarts from what the checkpoint recorded: lines a killed run appended after its
+        # last save would otherwise appear twice.
+        live.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def log(rec: dict) -> None:
         records.append(rec)
-        with open(live, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if env.main:
+            with open(live, "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     def save(final: bool) -> None:
-        m = {**meta, "settings": settings, "step": step, "tokens_seen": tokens_seen,
-             "final": final, "last_train_loss": next((r["loss"] for r in reversed(records) if r["kind"] == "train"), None),
-             "last_val_loss": next((r["val_loss"] for r in reversed(records) if r["kind"] == "val"), None)}
-        state = {"optimizer": opt.state_dict(), "step": step, "cursor": cursor, "tokens_seen": tokens_seen,
-                 "rng": _rng_state(), "records": records, "train_config": asdict(c)}
-        save_checkpoint(out_dir, model, tokenizer, m, train_state=state,
-                        extra_files={"metrics.jsonl": "".join(json.dumps(r) + "\n" for r in records)})
-        if records:
+        trains = [r for r in records if r["kind"] == "train"]
+        vals = [r for r in records if r["kind"] == "val"]
+        m = {**meta, "settings": settings, "step": step, "tokens_seen": tokens_seen, "final": final,
+             "last_train_loss": trains[-1]["loss"] if trains else None,
+             "last_val_loss": vals[-1]["val_loss"] if vals else None, "stability": stab.summary()}
+        state = {"step": step, "cursor": cursor, "tokens_seen": tokens_seen, "rng": _rng_state(device),
+                 "records": records, "train_config": asdict(c), "stability": stab.state_dict(),
+                 "world_size": env.world}
+        dist.save_training_checkpoint(out_dir, module, opt, env, tokenizer, m, state,
+                                      extra_files={"metrics.jsonl": "".join(json.dumps(r) + "\n" for r in records)})
+        if env.main and records:
             plot_losses(records, out_dir / "loss.png", title=f"{meta.get('stage', 'train')}: {model.cfg.name}")
 
-    prog = Progress(c.steps, stream=open(os.devnull, "w") if quiet else sys.stderr)
-    t_last, tok_last = time.time(), tokens_seen
+    def loop_state() -> dict:
+        return {"step": step, "cursor": cursor, "tokens_seen": tokens_seen}
+
+    prog = Progress(c.steps, stream=open(os.devnull, "w") if quiet or not env.main else sys.stderr)
+    meter = perf.Meter(model.cfg, desc.get("seq_len"), device, env.world, c.peak_tflops)
+    step_tokens = task.tokens_per_batch * c.grad_accum
+    stab.snapshot(params, opt, loop_state(), reset=True)
     while step < c.steps:
         if stop_after is not None and step >= stop_after:
             return {"step": step, "stopped": True}
-        lr = lr_at(step, c)
+        cursor = stab.skips.next_cursor(cursor)
+        lr = lr_at(step, sched) * stab.lr_scale
         for g in opt.param_groups:
             g["lr"] = lr
         agg: dict[str, float] = {}
-        loss_sum = 0.0
-        for micro in range(c.grad_accum):
+        loss_acc = torch.zeros((), device=device)
+        for j, micro in enumerate(micros):
             b = task.batch(cursor, micro)
             b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                loss, mets = task.loss(model, b)
-            (loss / c.grad_accum).backward()
-            loss_sum += float(loss.detach()) / c.grad_accum
+            with dist.grad_sync(module, j == len(micros) - 1), perf.attention_context(c.attn):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+                    loss, mets = task.loss(module, b)
+                (loss / len(micros)).backward()
+            loss_acc += loss.detach().float() / len(micros)
             for k, v in mets.items():
-                agg[k] = agg.get(k, 0.0) + float(v) / c.grad_accum
-        if not math.isfinite(loss_sum):
-            raise GebError(f"loss became {loss_sum} at step {step}; lower the learning rate or check the data")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip))
+                agg[k] = agg.get(k, 0.0) + float(v) / len(micros)
+        keys = sorted(agg)
+        vec = dist.all_reduce_mean(torch.stack([loss_acc] + [torch.tensor(float(agg[k]), device=device) for k in keys]), env)
+        loss_sum = float(vec[0])
+        agg = {k: float(vec[i + 1]) for i, k in enumerate(keys)}
+        gnorm = dist.clip_grad_norm(params, c.grad_clip)
+        if stab.judge(loss_sum, gnorm):
+            opt.zero_grad(set_to_none=True)
+            acts = stab.on_spike(cursor, loss_sum)
+            event = {"kind": "spike", "step": step + 1, "cursor": cursor, "loss": _num(loss_sum),
+                     "grad_norm": _num(gnorm), "lr": lr}
+            action = acts[0]["action"]
+            if action == "rollback":
+                loop, window = stab.rollback(params, opt, step + 1)
+                acts[0] = {"action": "rollback", "to_step": loop["step"], "skip": window}
+            for a in acts:
+                log({**event, **a})
+                prog.line(step + 1, f"spike: loss {loss_sum:.4f} -> {a['action']}", 0)
+            if action == "replace_batch":
+                cursor += 1
+                continue
+            if action == "rollback":
+                step, cursor, tokens_seen = loop["step"], loop["cursor"], loop["tokens_seen"]
+                continue
+            stab.on_accept(loss_sum)  # "accept": replacement exhausted and rollback off
+        else:
+            stab.on_accept(loss_sum)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         cursor += 1
-        tokens_seen += task.tokens_per_batch * c.grad_accum
+        tokens_seen += step_tokens
+        meter.add(step_tokens)
+        if stab.due(step):
+            stab.snapshot(params, opt, loop_state())
         if step % c.log_every == 0 or step == 1 or step == c.steps:
+            speed = meter.read()
             log({"kind": "train", "step": step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
-                 "tokens": tokens_seen, **agg})
-            now = time.time()
-            rate_tok = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
-            rate_step = rate_tok / max(task.tokens_per_batch * c.grad_accum, 1)
-            t_last, tok_last = now, tokens_seen
+                 "tokens": tokens_seen, **agg, **speed})
             extra = " ".join(f"{k} {v:.3f}" for k, v in agg.items())
-            prog.line(step, f"loss {loss_sum:.4f} lr {lr:.2e} {extra} {rate_tok:,.0f} tok/s", rate_step)
+            mfu = f" mfu {speed['mfu']:.1%}" if speed["mfu"] is not None else ""
+            prog.line(step, f"loss {loss_sum:.4f} lr {lr:.2e} {extra} {speed['tok_s']:,.0f} tok/s{mfu}",
+                      speed["tok_s"] / max(step_tokens, 1))
         if c.eval_every and (step % c.eval_every == 0 or step == c.steps):
-            vl = evaluate(model, task, device, amp_dtype)
+            vl = evaluate(module, task, device, amp_dtype, c.attn)
             log({"kind": "val", "step": step, "val_loss": vl, "tokens": tokens_seen})
             prog.line(step, f"val_loss {vl:.4f}", 0)
         if step < c.steps and c.save_every and step % c.save_every == 0:
             save(final=False)
+            stab.snapshot(params, opt, loop_state(), reset=True)
     save(final=True)
+    dist.barrier(env)
     return json.loads((out_dir / META).read_text())
 
 
@@ -268,4 +368,5 @@ def resume_config(out_dir: str | Path, overrides: dict | None = None) -> TrainCo
     return TrainConfig.from_dict(d)
 
 
-__all__ = ["TrainConfig", "Task", "train", "lr_at", "evaluate", "plot_losses", "resume_config", "TRAIN_STATE"]
+__all__ = ["TrainConfig", "Task", "train", "lr_at", "evaluate", "plot_losses", "resume_config", "resolve_device",
+           "resolve_dtype", "TRAIN_STATE"]

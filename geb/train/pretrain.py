@@ -19,6 +19,7 @@ from geb.data.tokens import TokenData
 from geb.errors import GebError
 from geb.model import GEB
 from geb.tokenizer import Tokenizer
+from geb.train.dist import recover_folder
 from geb.train.loop import TrainConfig, resume_config, train
 
 
@@ -88,6 +89,7 @@ def run_pretrain(data_dir: str | Path, out_dir: str | Path, tokenizer_dir: str |
     """Pretrain (or resume) and return the checkpoint's meta."""
     data = TokenData(data_dir)
     if resume:
+        recover_folder(out_dir)  # a crash between a checkpoint swap's two renames
         model, tok, meta = load_model(out_dir)
         c = resume_config(out_dir, overrides)
         seq_len = meta["settings"]["task"]["seq_len"]

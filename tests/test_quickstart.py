@@ -1,0 +1,53 @@
+"""The quickstart at test size: every stage runs on the built-in corpus and the report shows it."""
+
+import json
+
+import pytest
+
+from geb.quickstart import QuickstartConfig, run_quickstart
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs") / "out"
+    summary = run_quickstart(QuickstartConfig.small_config(str(out)))
+    return out, summary
+
+
+def test_report_files_and_sections(report):
+    out, summary = report
+    md = (out / "report.md").read_text()
+    for heading in ("Built-in corpus", "Tokenizer", "Pretraining", "Held-out questions", "SFT", "DPO"):
+        assert heading in md, heading
+    assert json.loads((out / "report.json").read_text())["results"] == summary["results"]
+    for f in ("ckpt/pretrain/loss.png", "ckpt/sft/loss.png", "ckpt/dpo/loss.png", "data/report.md",
+              "samples/heldout_pretrain.jsonl"):
+        assert (out / f).is_file(), f
+
+
+def test_pipeline_removed_noise_and_duplicates(report):
+    r = report[1]["results"]["corpus"]
+    assert r["clean_documents"] <= r["raw_documents"] - r["injected"]["exact_duplicates"]
+    assert sum(r["bad_input"].values()) == 4  # the raw corpus carries four broken records
+
+
+def test_model_learned_something(report):
+    r = report[1]["results"]
+    assert r["pretrain"]["val_loss"] < r["tokens"]["unigram_val_loss"] - 0.3
+    assert r["pretrain"]["train_loss"] < r["pretrain"]["unigram_val_loss"]
+
+
+def test_alignment_stages_ran_from_their_parents(report):
+    out, summary = report
+    sft = json.loads((out / "ckpt" / "sft" / "meta.json").read_text())
+    dpo = json.loads((out / "ckpt" / "dpo" / "meta.json").read_text())
+    assert sft["parent"].endswith("pretrain") and dpo["parent"].endswith("sft")
+    assert summary["results"]["dpo"]["val_reward_accuracy"] > 0.5
+
+
+def test_rerun_reuses_finished_stages(report):
+    out, summary = report
+    before = (out / "ckpt" / "pretrain" / "model.safetensors").stat().st_mtime_ns
+    again = run_quickstart(QuickstartConfig.small_config(str(out)))
+    assert (out / "ckpt" / "pretrain" / "model.safetensors").stat().st_mtime_ns == before
+    assert again["results"]["pretrain"]["val_loss"] == summary["results"]["pretrain"]["val_loss"]
