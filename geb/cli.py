@@ -24,8 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("geb.commands.quickstart", "run the whole recipe on a built-in bilingual corpus"),
     "quantize": ("geb.commands.quantize", "quantize a model folder to bf16, int8 or int4"),
     "bench": ("geb.commands.bench", "measure inference speed and memory per format"),
-    "export": ("geb.commands.export", "export a model folder to Hugging Face (transformers) or GGUF (llama.cpp)"),
-    "import": ("geb.commands.importer", "import the released GEB-1.3B, a Hugging Face Llama or a GGUF file"),
+    "export": ("geb.commands.export", "export to Hugging Face (transformers) or GGUF (llama.cpp)"),
+    "import": ("geb.commands.importer", "import the released GEB-1.3B, a HF Llama or a GGUF file"),
 }
 
 

@@ -310,3 +310,24 @@ def test_imported_release_exports_to_gguf_with_sentencepiece_vocab(tmp_path, sp_
     got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
     llm.close()
     assert (got - _logits(model, ids)).abs().max().item() <= 1e-4
+
+
+def test_imported_release_in_transformers(tmp_path, sp_model, release_cfg):
+    """The converted SentencePiece tokenizer and the chat format work in transformers too."""
+    transformers = pytest.importorskip("transformers")
+    from geb.checkpoint import load_model
+    from geb.export.geb_release import import_geb_release
+    from geb.export.hf import export_hf
+    from geb.model import GEB
+
+    write_release(tmp_path / "rel", _bf16_round(GEB(release_cfg)), sp_model)
+    import_geb_release(tmp_path / "rel", tmp_path / "geb")
+    export_hf(tmp_path / "geb", tmp_path / "hf")
+    _, tok, _ = load_model(tmp_path / "geb")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    for text in (TEXT, "长江是中国最长的河流，全长约六千三百公里。", " leading and  double  spaces"):
+        assert list(hf(text, add_special_tokens=False)["input_ids"]) == sp.encode(text) == tok.encode(text)
+    msgs = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hi 2024"}]
+    got = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    assert list(got["input_ids"] if not isinstance(got, list) else got) == tok.render_chat(msgs, True)[0]

@@ -65,6 +65,9 @@ def run(args) -> int:
             print(json.dumps(report, indent=2, ensure_ascii=False))
             if not args.out:
                 return 0
+            if not report["sane"]:
+                raise GebError("no convention gave a sane perplexity, so nothing was imported; to import anyway, "
+                               "run without --verify and name the conventions (--kv-order, --mlp-order, --rope)")
             conv = Conventions(**report["best"])
             print(f"importing with the best convention: {conv}")
         if not args.out:

@@ -406,10 +406,12 @@ def gguf_tokenizer(fields: _Fields, source: str):
     if len(types) != len(tokens):
         raise GebError(f"{source}: 'tokenizer.ggml.token_type' has {len(types)} entries for {len(tokens)} tokens")
     pre = fields.get("tokenizer.ggml.pre", "gpt2")
+    # Trailing UNUSED rows are vocabulary padding, not tokens; UNUSED rows between real tokens are kept so
+    # that ids stay dense (the engine masks logits from the tokenizer's size on).
+    last = max((i for i, ty in enumerate(types) if ty != 5), default=-1)
     vocab = {}
-    for i, (t, ty) in enumerate(zip(tokens, types)):
-        if ty != 5:  # UNUSED rows (vocabulary padding) are not tokens
-            vocab.setdefault(t, i)
+    for i, t in enumerate(tokens[: last + 1]):
+        vocab.setdefault(t, i)
     pairs = []
     for n, m in enumerate(merges):
         a, sep, b = m.partition(" ")
