@@ -180,6 +180,18 @@ def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
 
 
 _LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
+PACK_ROWS = 1024  # rows packed at a time: torch's packer wants int32 codes (4 bytes per weight)
+
+
+def _pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
+    """Plain nibbles → torch's CPU int4 layout. Whole 64-row blocks pack independently, so big
+    matrices go in slices of PACK_ROWS rows (a bounded int32 temporary instead of 8x the weight)."""
+    n = nibbles.shape[0]
+    if n % 64 or n <= PACK_ROWS:
+        return torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles), 1)
+    parts = [torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles[i : i + PACK_ROWS]), 1)
+             for i in range(0, n, PACK_ROWS)]
+    return torch.cat(parts, 0)
 
 
 class Int4Linear(Linear):
@@ -195,7 +207,7 @@ class Int4Linear(Linear):
         self.sz, self.group_size = scale_zero.to(torch.bfloat16), group_size
         self.out_features, self.in_features = n, in_features
         self.padded_in = kp  # inputs are zero-padded up to a whole group
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles), 1)
+        self.packed = _pack_int4(nibbles)
         # The packed layout of whole 64-row blocks is known (see _codes); other shapes keep the nibbles.
         self._nibbles = nibbles if keep_nibbles or n % 64 else None
 
