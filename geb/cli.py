@@ -19,9 +19,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("geb.commands.dpo", "align a chat model with DPO on preference pairs (JSONL)"),
     "generate": ("geb.commands.generate", "generate text from a prompt with a model folder"),
     "chat": ("geb.commands.chat", "multi-turn chat in the terminal, streaming"),
+    "eval": ("geb.commands.eval", "evaluate: MMLU/C-Eval/CMMLU, perplexity, toxicity, compare runs"),
+    "serve": ("geb.commands.serve", "OpenAI-compatible HTTP server with a web chat page"),
     "quickstart": ("geb.commands.quickstart", "run the whole recipe on a built-in bilingual corpus"),
     "quantize": ("geb.commands.quantize", "quantize a model folder to bf16, int8 or int4"),
     "bench": ("geb.commands.bench", "measure inference speed and memory per format"),
+    "export": ("geb.commands.export", "export a model folder to Hugging Face (transformers) or GGUF (llama.cpp)"),
+    "import": ("geb.commands.importer", "import the released GEB-1.3B, a Hugging Face Llama or a GGUF file"),
 }
 
 

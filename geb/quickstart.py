@@ -133,9 +133,10 @@ def stage_pack(ctx: Context) -> None:
 
     seed = ctx.cfg.seed
     d = ctx.path("tokens")
-    # Validation uses phrasings held out of training; the multiple-choice practice text (dev facts
-    # only) teaches the letter-answer layout that the MCQ evaluation scores.
-    pack_text(ctx.path("data", "text"), ctx.path("tokenizer"), d, seed=seed, val_texts=corpus.validation_texts(seed),
+    # Validation is a seeded 5% of the cleaned documents (the usual held-out split); text written in
+    # phrasings that training never uses is scored separately after pretraining. The multiple-choice
+    # practice text (dev facts only) teaches the letter-answer layout that the MCQ evaluation scores.
+    pack_text(ctx.path("data", "text"), ctx.path("tokenizer"), d, seed=seed, val_fraction=0.05,
               extra_train_texts=corpus.mcq_practice_texts(seed))
     data = TokenData(d)
     train, val = np.asarray(data.array("train")), np.asarray(data.array("val"))
@@ -160,17 +161,21 @@ def stage_pretrain(ctx: Context) -> None:
                             resume=(ck / "train_state.pt").is_file(), quiet=c.small)
         meta["wall_seconds"] = time.time() - t0
     uni = ctx.results["tokens"]["unigram_val_loss"]
+    phr, phr_uni = heldout_phrasing_loss(ck, ctx.path("tokens"), ctx.cfg.seed)
     ctx.results["pretrain"] = {"steps": meta["step"], "tokens_seen": meta["tokens_seen"],
                                "train_loss": meta["last_train_loss"], "val_loss": meta["last_val_loss"],
-                               "unigram_val_loss": uni, "params": meta["settings"]["model"] and
-                               _params(meta["settings"]["model"]), "wall_seconds": meta.get("wall_seconds")}
+                               "unigram_val_loss": uni, "heldout_phrasing_loss": phr,
+                               "heldout_phrasing_unigram": phr_uni,
+                               "params": _params(meta["settings"]["model"]), "wall_seconds": meta.get("wall_seconds")}
     r = ctx.results["pretrain"]
     ctx.sections.append(
         "## 3. Pretraining\n\n"
         f"Model `{c.preset}` ({r['params']:,} parameters), {r['steps']} steps, {r['tokens_seen']:,} tokens.\n\n"
         "| | nats/token |\n|---|---|\n"
         f"| unigram baseline on validation | {uni:.3f} |\n| final validation loss | {r['val_loss']:.3f} |\n"
-        f"| final training loss | {r['train_loss']:.3f} |\n\n![pretraining loss](ckpt/pretrain/loss.png)\n")
+        f"| final training loss | {r['train_loss']:.3f} |\n"
+        f"| text in held-out phrasings: unigram baseline | {phr_uni:.3f} |\n"
+        f"| text in held-out phrasings: model | {phr:.3f} |\n\n![pretraining loss](ckpt/pretrain/loss.png)\n")
 
 
 def stage_heldout(ctx: Context) -> None:
@@ -277,6 +282,11 @@ def stage_dpo(ctx: Context) -> None:
                        quiet=c.small)
     refusal = corpus.refusal_eval_prompts(c.seed)
     ref_before, ref_after = _chat_eval(ctx.path("ckpt", "sft"), refusal), _chat_eval(ck, refusal)
+    # harmful requests that SFT and DPO trained on: learned at all, as against generalised above
+    seen = list({json.dumps(x["prompt"], ensure_ascii=False): {"messages": x["prompt"], "lang": x["lang"]}
+                 for x in map(json.loads, data.read_text().splitlines()) if x.get("kind") == "refusal"}.values())
+    seen = seen[: len(refusal)]
+    seen_before, seen_after = _chat_eval(ctx.path("ckpt", "sft"), seen), _chat_eval(ck, seen)
     prompts = _chat_prompts(ctx)
     chat_after = _chat_eval(ck, prompts)
     _write_jsonl(ctx.path("samples", "chat_dpo.jsonl"),
@@ -288,8 +298,9 @@ def stage_dpo(ctx: Context) -> None:
                           "val_reward_accuracy": val["reward_acc"], "val_reward_margin": val["reward_margin"],
                           "val_reward_accuracy_by_kind": {k: v["reward_acc"] for k, v in val.get("by_kind", {}).items()},
                           "last_train_reward_accuracy": meta["last_train_metrics"].get("reward_acc"),
-                          "refusal_before": sum(x["refusal"] for x in ref_before) / len(refusal),
-                          "refusal_after": sum(x["refusal"] for x in ref_after) / len(refusal),
+                          "refusal_before": _chat_scores(ref_before)["refusal"], "refusal_after": _chat_scores(ref_after)["refusal"],
+                          "refusal_seen_before": _chat_scores(seen_before)["refusal"],
+                          "refusal_seen_after": _chat_scores(seen_after)["refusal"],
                           "chat_after": _chat_scores(chat_after)}
     r = ctx.results["dpo"]
     by_kind = "".join(f"| {k} | {v['pairs']} | {v['reward_acc']:.0%} | {v['reward_margin']:+.2f} |\n"
@@ -304,7 +315,9 @@ def stage_dpo(ctx: Context) -> None:
         "| kind | pairs | reward accuracy | reward margin |\n|---|---|---|---|\n" + by_kind
         + f"| all | {r['val_pairs']} | {r['val_reward_accuracy']:.0%} | {r['val_reward_margin']:+.2f} |\n\n"
         "![DPO rewards](ckpt/dpo/rewards.png)\n\n![DPO loss](ckpt/dpo/loss.png)\n\n"
-        f"Held-out harmful requests refused: SFT {r['refusal_before']:.0%} → DPO {r['refusal_after']:.0%}. "
+        f"Harmful requests refused (greedy): {len(refusal)} held out of SFT and DPO, SFT {r['refusal_before']:.0%} → "
+        f"DPO {r['refusal_after']:.0%}; {len(seen)} seen in training, SFT {r['refusal_seen_before']:.0%} → DPO "
+        f"{r['refusal_seen_after']:.0%}. "
         f"Held-out chat questions after DPO: {r['chat_after']['correct']:.0%} correct, "
         f"{r['chat_after']['same_language']:.0%} in the user's language.\n\n"
         "| request | SFT | DPO |\n|---|---|---|\n"
@@ -338,6 +351,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         fn(ctx)
         timings[name] = round(time.time() - t, 1)
         ctx.say(f"{name} done in {timings[name]}s")
+    from geb.serve import serve_command
+
+    ctx.sections.append("## Serve it\n\nAn OpenAI-compatible server with a web chat page at http://127.0.0.1:8000/:\n\n```bash\n"
+                        + serve_command(ctx.path("ckpt", "dpo")) + "\n```\n")
     summary = {"created": now_iso(), "config": asdict(cfg), "results": ctx.results, "stage_seconds": timings,
                "total_seconds": round(time.time() - ctx.t0, 1)}
     (ctx.out / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -355,6 +372,31 @@ def unigram_loss(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
     counts = np.bincount(train.astype(np.int64), minlength=vocab).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     return float(-logp[val.astype(np.int64)].mean())
+
+
+def heldout_phrasing_loss(model_dir: Path, tokens_dir: Path, seed: int) -> tuple[float, float]:
+    """Mean loss (nats/token) of the model and of the train unigram on documents written only in
+    phrasings that training never uses: how far learning carries beyond the training templates."""
+    import torch
+
+    from geb import corpus
+    from geb.checkpoint import load_model
+    from geb.data.tokens import TokenData
+
+    model, tok, _ = load_model(model_dir)
+    model.eval()
+    data = TokenData(tokens_dir)
+    total = n = 0.0
+    ids_all = []
+    with torch.no_grad():
+        for text in corpus.validation_texts(seed):
+            ids = tok.encode(text, allow_special=False)[: model.cfg.max_seq_len] + [tok.eos_id]
+            ids_all.extend(ids)
+            x = torch.tensor([ids])
+            total += float(model(x[:, :-1], x[:, 1:])) * (len(ids) - 1)
+            n += len(ids) - 1
+    uni = unigram_loss(np.asarray(data.array("train")), np.asarray(ids_all), data.vocab_size)
+    return total / max(n, 1), uni
 
 
 def _params(model_cfg: dict) -> int:

@@ -7,6 +7,8 @@ identically. Any Unicode string round-trips exactly: there is no normaliser and 
 The chat format is ChatML (`<|im_start|>role\\n...<|im_end|>\\n`). `render_chat` is the only place
 that turns messages into ids; SFT, DPO, chat, the server and evaluation all call it, and the same
 format is stored as a Jinja `chat_template` in tokenizer_config.json for transformers and GGUF.
+Imported tokenizers without ChatML tokens carry a `geb.chat_format.ChatFormat` instead (stored as
+`geb_chat_format` in tokenizer_config.json); render_chat then follows it.
 """
 
 from __future__ import annotations
@@ -53,15 +55,33 @@ def _build_empty():
 class Tokenizer:
     """A geb tokenizer: a `tokenizers.Tokenizer` plus the ids and chat format geb needs."""
 
-    def __init__(self, hf_tokenizer, source: str = "<memory>"):
+    def __init__(self, hf_tokenizer, source: str = "<memory>", chat_format=None):
         self._tok = hf_tokenizer
         self.source = source
+        self.chat_format = chat_format  # None: geb's ChatML below; else a geb.chat_format.ChatFormat
+        if chat_format is not None:
+            self._init_chat_format(chat_format)
+            return
         missing = [t for t in SPECIAL_TOKENS if hf_tokenizer.token_to_id(t) is None]
         if missing:
             raise GebError(f"{source}: tokenizer lacks the special token(s) {', '.join(missing)}")
         self.eos_id = hf_tokenizer.token_to_id(EOS)
         self.im_start_id = hf_tokenizer.token_to_id(IM_START)
         self.im_end_id = hf_tokenizer.token_to_id(IM_END)
+        self._stop_ids = [self.im_end_id, self.eos_id]
+
+    def _init_chat_format(self, fmt) -> None:
+        ids = {}
+        for t in ([fmt.eos] if fmt.eos else []) + list(fmt.stop):
+            ids[t] = self._tok.token_to_id(t)
+            if ids[t] is None:
+                raise GebError(f"{self.source}: chat format '{fmt.name}' names token {t!r}, which the tokenizer lacks")
+        self._stop_ids = [ids[t] for t in fmt.stop]
+        # A format without an end-of-document token (e.g. "plain") falls back to its first stop token;
+        # training an imported model needs one of the two.
+        self.eos_id = ids[fmt.eos] if fmt.eos else (self._stop_ids[0] if self._stop_ids else None)
+        self.im_start_id = self._tok.token_to_id(IM_START)
+        self.im_end_id = self._stop_ids[0] if self._stop_ids else None
 
     # -- training / io ------------------------------------------------------------------------
     @classmethod
@@ -103,7 +123,18 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(f))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise GebError(f"{f}: not a valid tokenizer.json ({e})") from None
-        return cls(tok, source=str(f))
+        fmt = None
+        tc = f.with_name("tokenizer_config.json")
+        if tc.is_file():
+            try:
+                spec = json.loads(tc.read_text(encoding="utf-8")).get("geb_chat_format")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise GebError(f"{tc}: not a valid JSON object ({e})") from None
+            if spec is not None:
+                from geb.chat_format import ChatFormat
+
+                fmt = ChatFormat.from_dict(spec, f"{tc}: geb_chat_format")
+        return cls(tok, source=str(f), chat_format=fmt)
 
     def save(self, folder: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json (loadable by PreTrainedTokenizerFast)."""
@@ -123,6 +154,11 @@ class Tokenizer:
             "chat_template": CHAT_TEMPLATE,
             "model_max_length": 1 << 30,
         }
+        fmt = self.chat_format
+        if fmt is not None:
+            end = fmt.stop[0] if fmt.stop else (fmt.eos or None)
+            cfg.update(eos_token=end, pad_token=fmt.eos or end, additional_special_tokens=[],
+                       chat_template=fmt.jinja(), geb_chat_format=fmt.to_dict())
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
     # -- basic ops ----------------------------------------------------------------------------
@@ -132,7 +168,7 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> list[int]:
-        return [self.im_end_id, self.eos_id]
+        return list(self._stop_ids)
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Text → ids. With allow_special=False, special-token strings in the text are plain text."""
@@ -168,6 +204,10 @@ class Tokenizer:
         the segments the Jinja template produces between special tokens, so ids equal what
         transformers' apply_chat_template + encode gives. Message text cannot inject special tokens.
         """
+        if self.chat_format is not None:
+            from geb.chat_format import render
+
+            return render(self.chat_format, self._tok, messages, add_generation_prompt, ROLES)
         ids: list[int] = []
         mask: list[int] = []
         for i, m in enumerate(messages):

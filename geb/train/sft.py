@@ -95,7 +95,8 @@ class SFTTask:
         self.pack, self.eval_batches, self.info = pack, eval_batches, info or {}
         self.rows = pack_rows([len(ids) - 1 for ids, _ in examples], seq_len, pack)
         self.val_rows = pack_rows([len(ids) - 1 for ids, _ in self.val_examples], seq_len, pack)
-        self.tokens_per_batch = batch_size * seq_len
+        # the loop counts tokens seen from this: real (non-padding) positions of an average row
+        self.tokens_per_batch = round(batch_size * sum(len(ids) - 1 for ids, _ in examples) / len(self.rows))
         self.target_tokens = sum(sum(m[1:]) for _, m in examples)
         self._perm_epoch, self._perm = -1, None
 

@@ -1,0 +1,75 @@
+"""`geb import geb|hf|gguf`: bring the released GEB-1.3B, a Hugging Face Llama or a GGUF file into a geb folder.
+
+(The module is named `importer` because `import` is a Python keyword.)
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def configure(p) -> None:
+    sub = p.add_subparsers(dest="format", metavar="<format>", required=True)
+    g = sub.add_parser("geb", help="the released GEB-1.3B checkpoint (Megatron/ChatGLM names, SentencePiece)")
+    g.add_argument("path", help="folder with config.json, pytorch_model.bin (or shards + index) and tokenizer.model")
+    g.add_argument("--out", help="output geb folder (optional with --verify)")
+    g.add_argument("--kv-order", choices=("interleaved", "split"), default="interleaved",
+                   help="row order of key_value: K,V of head 0 then head 1... (interleaved, default) or all K then all V")
+    g.add_argument("--mlp-order", choices=("gate-up", "up-gate"), default="gate-up",
+                   help="which half of dense_h_to_4h is the gate (default gate-up: gate first)")
+    g.add_argument("--rope", choices=("half", "interleaved", "chatglm"), default="half",
+                   help="RoPE convention: rotate-half over the whole head (default), adjacent pairs, or "
+                        "ChatGLM (adjacent pairs over the first half of each head)")
+    g.add_argument("--verify", action="store_true",
+                   help="score a built-in bilingual text under every candidate convention and report perplexities")
+    g.add_argument("--chat-format", default=None,
+                   help="chat prompt format: a preset (chatml, chatglm3, plain) or a JSON file; the released "
+                        "model's own format is not known (default: chatglm3)")
+    g.add_argument("--special-tokens", default=None,
+                   help="comma-separated special tokens appended after the SentencePiece vocabulary when the "
+                        "model file lacks them (default: [MASK],[gMASK],[sMASK],<sop>,<eop>,<eod>,<|system|>,"
+                        "<|user|>,<|assistant|>,<|observation|>)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                   help="weight dtype of the geb folder (default bfloat16, as released)")
+    h = sub.add_parser("hf", help="a Hugging Face LlamaForCausalLM folder (safetensors)")
+    h.add_argument("path")
+    h.add_argument("--out", required=True)
+    h.add_argument("--chat-format", default=None, help="chat format preset or JSON file (default: from the tokenizer)")
+    f = sub.add_parser("gguf", help="a llama-architecture GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 ...)")
+    f.add_argument("path")
+    f.add_argument("--out", required=True)
+    for q in (g, h, f):
+        q.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+
+
+def run(args) -> int:
+    from geb.commands.common import apply_threads
+    from geb.errors import GebError
+
+    apply_threads(args)
+    if args.format == "gguf":
+        from geb.export.gguf import import_gguf
+
+        out = import_gguf(args.path, args.out)
+    elif args.format == "hf":
+        from geb.export.hf import import_hf
+
+        out = import_hf(args.path, args.out, chat_format=args.chat_format)
+    else:
+        from geb.export.geb_release import Conventions, import_geb_release, verify_conventions
+
+        conv = Conventions(kv_order=args.kv_order, mlp_order=args.mlp_order, rope=args.rope)
+        specials = args.special_tokens.split(",") if args.special_tokens else None
+        if args.verify:
+            report = verify_conventions(args.path, special_tokens=specials, log=print)
+            print(json.dumps(report, indent=2, ensure_ascii=False))
+            if not args.out:
+                return 0
+            conv = Conventions(**report["best"])
+            print(f"importing with the best convention: {conv}")
+        if not args.out:
+            raise GebError("--out is required (unless --verify alone)")
+        out = import_geb_release(args.path, args.out, conv, chat_format=args.chat_format,
+                                 special_tokens=specials, dtype=args.dtype)
+    print(f"wrote {out}")
+    return 0

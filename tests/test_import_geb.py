@@ -1,0 +1,312 @@
+"""`geb import geb`: a tiny checkpoint written here in the released GEB-1.3B layout (Megatron/ChatGLM names,
+BF16 shards + index, a SentencePiece model trained here) imports with the right math, and --verify finds
+the layout it was written in."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import pytest
+import torch
+
+spm = pytest.importorskip("sentencepiece")
+pytest.importorskip("google.protobuf")
+
+from geb.errors import GebError  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: a second OpenMP worker only spins, 10-30x slower on a busy 2-core machine (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+TEXT = "GEB-1.3B 在 2024 年发布。 The capital of France is Paris! 北京是中国的首都。 1234 😀 𠀀"
+
+
+# -- writing the release layout (independently of geb.export) -------------------------------------------------
+def _perm_from_half(heads: int, hd: int, rope: str) -> torch.Tensor:
+    """Index p with release_rows = geb_rows[p], for geb's rotate-half rows → the release's rope layout."""
+    rot = {"half": hd, "interleaved": hd, "chatglm": hd // 2}[rope]
+    idx = []
+    for h in range(heads):
+        row = list(range(hd))
+        if rope != "half":  # adjacent pairs: release dim 2i+c holds geb dim i + c*rot/2
+            row[:rot] = [i + c * rot // 2 for i in range(rot // 2) for c in (0, 1)]
+        idx += [h * hd + r for r in row]
+    return torch.tensor(idx)
+
+
+def write_release(folder, model, sp_bytes, *, kv_order="interleaved", mlp_order="gate-up", rope="half",
+                  shards=2, untie=True):
+    c = model.cfg
+    hd = c.head_dim
+    sd = {"transformer.embedding.word_embeddings.weight": model.tok_emb.weight}
+    for i, blk in enumerate(model.layers):
+        p = f"transformer.encoder.layers.{i}."
+        wk = blk.attn.wk.weight[_perm_from_half(c.n_kv_head, hd, rope)]
+        wv = blk.attn.wv.weight
+        if kv_order == "interleaved":
+            kv = torch.cat([torch.cat([wk[h * hd:(h + 1) * hd], wv[h * hd:(h + 1) * hd]]) for h in range(c.n_kv_head)])
+        else:
+            kv = torch.cat([wk, wv])
+        gate, up = blk.ffn.w_gate.weight, blk.ffn.w_up.weight
+        sd.update({
+            p + "input_layernorm.weight": blk.attn_norm.weight,
+            p + "self_attention.query.weight": blk.attn.wq.weight[_perm_from_half(c.n_head, hd, rope)],
+            p + "self_attention.key_value.weight": kv,
+            p + "self_attention.dense.weight": blk.attn.wo.weight,
+            p + "post_attention_layernorm.weight": blk.ffn_norm.weight,
+            p + "mlp.dense_h_to_4h.weight": torch.cat([gate, up] if mlp_order == "gate-up" else [up, gate]),
+            p + "mlp.dense_4h_to_h.weight": blk.ffn.w_down.weight,
+        })
+    sd["transformer.encoder.final_layernorm.weight"] = model.norm.weight
+    sd["transformer.output_layer.weight"] = model.lm_head.weight
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in sd.items()}
+    folder.mkdir(parents=True)
+    names = list(sd)
+    wm = {}
+    for s in range(shards):
+        part = names[s::shards]
+        fname = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
+        torch.save({k: sd[k] for k in part}, folder / fname)
+        wm.update({k: fname for k in part})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    (folder / "config.json").write_text(json.dumps({
+        "num_layers": c.n_layer, "padded_vocab_size": c.vocab_size, "hidden_size": c.d_model,
+        "ffn_hidden_size": c.ffn_hidden, "kv_channels": hd, "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.n_kv_head, "layernorm_epsilon": c.norm_eps, "seq_length": c.max_seq_len,
+        "add_bias_linear": False, "add_qkv_bias": False, "rmsnorm": True, "untie_embeddings_and_output_weights": untie,
+        "torch_dtype": "bfloat16",
+    }))
+    (folder / "tokenizer.model").write_bytes(sp_bytes)
+    return sd
+
+
+def _bf16_round(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return model
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sp_model():
+    from conftest import SAMPLE_TEXT
+    from geb.export.geb_release import VERIFY_TEXT
+
+    lines = SAMPLE_TEXT[:8] + VERIFY_TEXT.splitlines() + [TEXT]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines * 20), model_writer=buf, vocab_size=700,
+                                   model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+                                   hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def release_cfg(sp_model):
+    from geb.config import get_preset, pad_vocab
+    from geb.export.geb_release import DEFAULT_SPECIALS
+
+    n = spm.SentencePieceProcessor(model_proto=sp_model).get_piece_size() + len(DEFAULT_SPECIALS)
+    return get_preset("geb-test").replace(vocab_size=pad_vocab(n), ffn_hidden=96)
+
+
+@pytest.fixture(scope="module")
+def trained(sp_model, release_cfg):
+    """A tiny model that has learned the --verify text, with ChatGLM-style partial RoPE."""
+    from geb.export.geb_release import VERIFY_TEXT
+    from geb.model import GEB
+
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    ids = torch.tensor(sp.encode(VERIFY_TEXT))
+    cfg = release_cfg.replace(rope_dims=release_cfg.head_dim // 2)
+    torch.manual_seed(0)
+    model = GEB(cfg)
+    model.init_weights(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    # One thread: tiny ops, where a second OpenMP worker only spins (20x slower on a busy 2-core box).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(120):
+            starts = torch.randint(0, len(ids) - 65, (8,), generator=g)
+            batch = torch.stack([ids[s:s + 65] for s in starts])
+            loss = model(batch[:, :-1], batch[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return _bf16_round(model.eval())
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0]
+
+
+# -- tests ------------------------------------------------------------------------------------------------------
+def test_mapping_math_for_the_expected_layout(tmp_path, sp_model, release_cfg):
+    from geb.checkpoint import load_model
+    from geb.export.geb_release import Conventions, import_geb_release
+    from geb.model import GEB
+
+    model = GEB(release_cfg)
+    model.init_weights(seed=1)
+    with torch.no_grad():
+        for blk in model.layers:  # distinct norms, so a swapped norm would show
+            blk.attn_norm.weight.uniform_(0.5, 1.5)
+            blk.ffn_norm.weight.uniform_(0.5, 1.5)
+    _bf16_round(model)
+    sd = write_release(tmp_path / "rel", model, sp_model)
+    assert sd["transformer.encoder.layers.0.self_attention.key_value.weight"].shape == (2 * release_cfg.kv_dim, 64)
+    assert sd["transformer.encoder.layers.0.mlp.dense_h_to_4h.weight"].dtype == torch.bfloat16
+    import_geb_release(tmp_path / "rel", tmp_path / "geb", Conventions(), dtype="float32")
+    back, tok, meta = load_model(tmp_path / "geb")
+    assert meta["conventions"] == {"kv_order": "interleaved", "mlp_order": "gate-up", "rope": "half"}
+    assert back.cfg.rope_dims == 0 and not back.cfg.tie_embeddings
+    ids = tok.encode(TEXT)
+    assert torch.allclose(_logits(back, ids), _logits(model, ids), atol=1e-5)
+    # a wrong convention must change the result (the options are not no-ops)
+    import_geb_release(tmp_path / "rel", tmp_path / "wrong", Conventions(kv_order="split"), dtype="float32")
+    wrong, _, _ = load_model(tmp_path / "wrong")
+    assert not torch.allclose(_logits(wrong, ids), _logits(model, ids), atol=1e-3)
+
+
+def test_tokenizer_matches_sentencepiece_and_carries_specials(tmp_path, sp_model, trained):
+    from geb.checkpoint import load_model
+    from geb.export.geb_release import DEFAULT_SPECIALS, Conventions, import_geb_release
+
+    write_release(tmp_path / "rel", trained, sp_model, kv_order="split", mlp_order="up-gate", rope="chatglm")
+    import_geb_release(tmp_path / "rel", tmp_path / "geb", Conventions("split", "up-gate", "chatglm"))
+    model, tok, meta = load_model(tmp_path / "geb")
+    assert model.cfg.rope_dims == model.cfg.head_dim // 2
+    assert next(model.parameters()).dtype == torch.bfloat16  # stored as released
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    for text in (TEXT, "长江是中国最长的河流，全长约六千三百公里。", "  two  spaces\nand\ttabs ", " leading space", "ｆｕｌｌ　ｗｉｄｔｈ"):
+        assert tok.encode(text) == sp.encode(text), text
+        assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
+    n = sp.get_piece_size()
+    assert [tok._tok.token_to_id(s) for s in DEFAULT_SPECIALS] == list(range(n, n + len(DEFAULT_SPECIALS)))
+    assert meta["chat_format"]["name"] == "chatglm3"
+    ids, mask = tok.render_chat([{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hi"}])
+    sid = tok._tok.token_to_id
+    assert ids[:3] == [sid("[gMASK]"), sid("<sop>"), sid("<|user|>")]
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special=True).strip() == "Hi"
+    assert tok.stop_ids == [sid("<|user|>"), sid("<|observation|>"), sid("<eod>")]
+    # the imported weights reproduce the trained model (BF16 storage, FP32 compute)
+    ids = tok.encode(TEXT)
+    assert torch.allclose(_logits(model.float(), ids), _logits(trained, ids), atol=1e-4)
+
+
+def test_verify_finds_the_layout(tmp_path, sp_model, trained):
+    from geb.export.geb_release import verify_conventions
+
+    write_release(tmp_path / "rel", trained, sp_model, kv_order="split", mlp_order="up-gate", rope="chatglm")
+    rep = verify_conventions(tmp_path / "rel")
+    assert rep["best"] == {"kv_order": "split", "mlp_order": "up-gate", "rope": "chatglm"}
+    assert rep["sane"] and rep["margin"] > 1.02 and len(rep["results"]) == 12
+    best = rep["results"][0]["perplexity"]
+    # A 2-layer model that memorised the text still tells a wrong K/V split apart by far.
+    assert all(r["perplexity"] > 5 * best for r in rep["results"] if r["kv_order"] != "split")
+
+
+def test_cli_verify_then_import(tmp_path, sp_model, trained, geb_cli):
+    write_release(tmp_path / "rel", trained, sp_model, kv_order="interleaved", mlp_order="gate-up", rope="chatglm")
+    p = geb_cli("import", "geb", tmp_path / "rel", "--verify", "--out", tmp_path / "geb", "--chat-format", "plain",
+                "--threads", "1")
+    assert '"rope": "chatglm"' in p.stdout and (tmp_path / "geb" / "model.safetensors").is_file()
+    meta = json.loads((tmp_path / "geb" / "meta.json").read_text())
+    assert meta["conventions"]["rope"] == "chatglm" and meta["chat_format"]["name"] == "plain"
+
+
+def test_bad_release_inputs_leave_no_folder(tmp_path, sp_model, release_cfg):
+    from geb.export.geb_release import import_geb_release
+    from geb.model import GEB
+
+    model = GEB(release_cfg)
+    rel = tmp_path / "rel"
+    write_release(rel, model, sp_model, shards=1)
+    shard = rel / "pytorch_model-00001-of-00001.bin"
+    good = torch.load(shard, weights_only=True)
+    out = tmp_path / "out"
+
+    def expect(pattern):
+        with pytest.raises(GebError, match=pattern):
+            import_geb_release(rel, out)
+        assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+    torch.save({**good, "transformer.encoder.layers.0.self_attention.query.bias": torch.zeros(64)}, shard)
+    expect(r"unknown tensor 'transformer\.encoder\.layers\.0\.self_attention\.query\.bias'")
+    torch.save({k: v for k, v in good.items() if "layers.1.mlp.dense_4h_to_h" not in k}, shard)
+    expect(r"transformer\.encoder\.layers\.1\.mlp\.dense_4h_to_h\.weight")  # listed in the index, missing
+    (rel / "pytorch_model.bin.index.json").unlink()
+    torch.save({k: v for k, v in good.items() if "layers.1.mlp.dense_4h_to_h" not in k}, rel / "pytorch_model.bin")
+    expect(r"missing tensor 'transformer\.encoder\.layers\.1\.mlp\.dense_4h_to_h\.weight'")
+    torch.save(good, rel / "pytorch_model.bin")
+    data = (rel / "pytorch_model.bin").read_bytes()
+    (rel / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    expect("truncated")
+    torch.save({**good, "evil": shutil.rmtree}, rel / "pytorch_model.bin")  # not a tensor: refused unread
+    expect("weights-only")
+    torch.save(good, rel / "pytorch_model.bin")
+    cfg = json.loads((rel / "config.json").read_text())
+    (rel / "config.json").write_text(json.dumps({**cfg, "ffn_hidden_size": 80}))
+    expect(r"dense_h_to_4h\.weight' has shape \(192, 64\), config\.json expects \(160, 64\)")
+    (rel / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "num_layers"}))
+    expect("'num_layers'")
+    (rel / "config.json").write_text(json.dumps({**cfg, "add_qkv_bias": True}))
+    expect("add_qkv_bias")
+    (rel / "config.json").write_text(json.dumps(cfg))
+    (rel / "tokenizer.model").write_bytes(sp_model[:100])
+    expect("tokenizer.model")
+    (rel / "tokenizer.model").write_bytes(sp_model)
+    import_geb_release(rel, out)
+    assert out.is_dir()
+
+
+def test_imported_release_exports_to_gguf_with_sentencepiece_vocab(tmp_path, sp_model, release_cfg):
+    """The imported folder keeps tokenizer.model; GGUF export writes llama.cpp's SentencePiece vocab."""
+    gguf = pytest.importorskip("gguf")
+    from geb.checkpoint import load_model
+    from geb.export.geb_release import import_geb_release
+    from geb.export.gguf import export_gguf
+    from geb.model import GEB
+
+    model = GEB(release_cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # peaked logits
+    _bf16_round(model)
+    write_release(tmp_path / "rel", model, sp_model)
+    import_geb_release(tmp_path / "rel", tmp_path / "geb", dtype="float32")
+    assert (tmp_path / "geb" / "tokenizer.model").read_bytes() == sp_model
+    info = export_gguf(tmp_path / "geb", tmp_path / "m.gguf", "f32")
+    assert "nmt_nfkc" in info["tokenizer"]["warning"]  # the test's model normalizes; llama.cpp cannot
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    field = lambda k: r.get_field(k).contents()  # noqa: E731
+    _, tok, _ = load_model(tmp_path / "geb")
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    n = sp.get_piece_size()
+    assert field("tokenizer.ggml.model") == "llama" and len(field("tokenizer.ggml.scores")) == release_cfg.vocab_size
+    types = field("tokenizer.ggml.token_type")
+    assert types[n] == 3 and field("tokenizer.ggml.tokens")[n] == "[MASK]" and types[-1] == 5
+    assert field("tokenizer.ggml.eos_token_id") == tok._tok.token_to_id("<eod>")
+    assert field("tokenizer.ggml.eot_token_id") == tok._tok.token_to_id("<|user|>")
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, n_threads=1, n_batch=128,
+                          logits_all=True, verbose=False, type_k=0, type_v=0)
+    for text in (TEXT, "长江是中国最长的河流。全长约六千三百公里", "The sun rises in the east 1234"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text), text
+    ids = sp.encode(TEXT)
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
+    llm.close()
+    assert (got - _logits(model, ids)).abs().max().item() <= 1e-4
