@@ -27,7 +27,11 @@ from geb.errors import GebError
 FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel accepts
 NUMPY_MAX_ROWS = 8  # up to this many rows fp32 goes through numpy (matrix-vector territory)
-DEQUANT_MIN_ROWS = 32  # from this many rows (prefill) int8/int4 weights are widened to BF16 for a GEMM
+# From this many rows (prefill) quantized weights are widened to BF16 for one GEMM: widening costs a
+# fixed pass over the weight, the packed kernels cost per row (measured on one 5632x2048 matrix:
+# widening int8 ~11 ms, int4 ~75 ms; per row int8/int4 kernels ~1 ms against ~0.35 ms in BF16).
+INT8_DEQUANT_MIN_ROWS = 16
+INT4_DEQUANT_MIN_ROWS = 128
 DEQUANT_BLOCK = 2048  # output rows widened at a time: bounds the temporary BF16 copy (~8 MiB at K=2048)
 
 
@@ -137,7 +141,7 @@ class Int8Linear(Linear):
 
     def __call__(self, x):
         xb = x.to(torch.bfloat16)
-        if x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
+        if x.shape[0] >= INT8_DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
             out = torch.empty(x.shape[0], self.out_features)
             for n0 in range(0, self.out_features, DEQUANT_BLOCK):
                 n1 = min(n0 + DEQUANT_BLOCK, self.out_features)
@@ -269,7 +273,7 @@ class Int4Linear(Linear):
         xb = x.to(torch.bfloat16)
         if self.padded_in != self.in_features:
             xb = F.pad(xb, (0, self.padded_in - self.in_features))
-        if x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
+        if x.shape[0] >= INT4_DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
             if self._nibbles is not None:
                 return F.linear(xb, self._dequant_padded(torch.bfloat16)).float()
             out = torch.empty(x.shape[0], self.out_features)
