@@ -73,6 +73,15 @@ class SlotCache:
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
 
+    def swap(self, a: int, b: int) -> None:
+        la, lb = self.lengths[a], self.lengths[b]
+        ka, va = self.k[:, a, :, :la].clone(), self.v[:, a, :, :la].clone()
+        self.k[:, a, :, :lb] = self.k[:, b, :, :lb]
+        self.v[:, a, :, :lb] = self.v[:, b, :, :lb]
+        self.k[:, b, :, :la] = ka
+        self.v[:, b, :, :la] = va
+        self.lengths[a], self.lengths[b] = lb, la
+
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * 4
