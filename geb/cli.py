@@ -42,6 +42,12 @@ def build_parser(load_all: bool = False, only: str | None = None) -> argparse.Ar
 def main(argv: list[str] | None = None) -> int:
     from geb.errors import GebError
 
+    import os
+
+    # Idle OpenMP threads sleep instead of spinning: on a machine whose cores are shared (a server, a
+    # laptop), spinning workers steal the cores other thread pools need (decode ran 3-8x slower).
+    # Only effective before torch loads, which no code path here has done yet; a user's setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     name = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=name if name in COMMANDS else None)
