@@ -25,6 +25,16 @@ SAMPLE_TEXT = [
 ] * 20
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: a second OpenMP worker only spins (10-30x slower on a busy 2-core machine,
+    measured). Restores the previous setting after the test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from geb.tokenizer import Tokenizer

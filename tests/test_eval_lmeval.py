@@ -20,12 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STOCK = Path(lm_eval.__file__).parent / "tasks"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -79,14 +79,7 @@ def sharp_copy(src: Path, dst: Path, max_seq_len: int | None = None, scale: floa
     return dst
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits crawl on a shared machine;
-    the previous setting is restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ gguf = pytest.importorskip("gguf")
 from geb.errors import GebError  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: a second OpenMP worker only spins, 10-30x slower on a busy 2-core machine (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BILINGUAL = ("GEB-1.3B was trained on 550B tokens in 2024. 北京是中国的首都，人口约2189万。"
              "Emoji 😀🎉 and rare CJK 𠀀𪚥 survive.\n\n  def f(x):\n\treturn x**2  # 代码")

@@ -17,13 +17,7 @@ pytest.importorskip("google.protobuf")
 from geb.errors import GebError  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: a second OpenMP worker only spins, 10-30x slower on a busy 2-core machine (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TEXT = "GEB-1.3B 在 2024 年发布。 The capital of France is Paris! 北京是中国的首都。 1234 😀 𠀀"
 

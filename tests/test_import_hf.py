@@ -12,13 +12,7 @@ transformers = pytest.importorskip("transformers")
 from geb.errors import GebError  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: a second OpenMP worker only spins, 10-30x slower on a busy 2-core machine (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _llama(tmp_path, tokenizer, *, tied, heads, kv, name="hf", shard=None, head_dim=None):
