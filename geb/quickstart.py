@@ -325,6 +325,63 @@ def stage_dpo(ctx: Context) -> None:
                   for p, b, a in zip(refusal, ref_before, ref_after)))
 
 
+def stage_eval(ctx: Context) -> None:
+    """Multiple-choice questions about the built-in facts, in C-Eval and MMLU file formats, scored
+    with the same code path as the real benchmarks (lm-eval protocol: letter log-likelihood)."""
+    from geb import corpus
+    from geb.eval.mcq import evaluate
+    from geb.eval.report import compare
+
+    seed = ctx.cfg.seed
+    bench_dir = ctx.path("benchmarks")
+    corpus.write_ceval(bench_dir / "ceval", seed=seed)
+    corpus.write_mmlu(bench_dir / "mmlu", seed=seed)
+    smap = {v["file"]: [v["en"], v["zh"], v["category"]] for v in corpus.SUBJECTS.values()}
+    shots = 3
+    limit = 10 if ctx.cfg.small else None
+    runs, table = [], {}
+    for stage in ("pretrain", "sft", "dpo"):
+        for bench in ("ceval", "mmlu"):
+            out = ctx.path("eval", f"{stage}-{bench}")
+            r = evaluate(ctx.path("ckpt", stage), benchmark=bench, data_dir=bench_dir / bench, protocol="lm-eval",
+                         shots=shots, limit=limit, out_dir=out, name=f"{stage} ({bench})", subject_map=smap)
+            runs.append(out)
+            table[(stage, bench)] = r["headline"]["accuracy"]
+    md, _ = compare(runs, ctx.path("eval"))
+    ctx.results["eval"] = {f"{s}_{b}": a for (s, b), a in table.items()}
+    rows = "\n".join(f"| {s} | {table[(s, 'ceval')]:.1%} | {table[(s, 'mmlu')]:.1%} |" for s in ("pretrain", "sft", "dpo"))
+    ctx.sections.append(
+        "## 7. Evaluation: multiple choice about the facts\n\n"
+        f"Questions about the invented facts written as C-Eval (Chinese) and MMLU (English) files and scored by "
+        f"`geb eval mcq` with the lm-eval protocol ({shots}-shot, log-likelihood of the answer letter). Chance is 25%.\n\n"
+        "| model | C-Eval format (zh) | MMLU format (en) |\n|---|---|---|\n" + rows +
+        "\n\nPer category: [eval/compare.md](eval/compare.md)\n\n![accuracy by category](eval/compare.png)\n")
+
+
+def stage_quantize(ctx: Context) -> None:
+    """Quantize the final model and measure speed and held-out perplexity in each format."""
+    from geb import corpus
+    from geb.infer.bench import quick_report
+    from geb.infer.weights import quantize_folder
+
+    src = ctx.path("ckpt", "dpo")
+    for fmt in ("int8", "int4"):
+        dst = ctx.path("ckpt", f"dpo-{fmt}")
+        if not (dst / "config.json").is_file():
+            quantize_folder(src, dst, fmt)
+    text = "\n".join(corpus.validation_texts(ctx.cfg.seed)[: 8 if ctx.cfg.small else 40])
+    rep = quick_report(src, text=text, threads=ctx.cfg.threads)
+    ctx.results["quantize"] = rep
+    rows = "\n".join(
+        f"| {f} | {r['weight_bytes'] / 2**20:.2f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} | "
+        f"{r['perplexity']:.3f} | {100 * r.get('ppl_vs_fp32', 0.0):+.2f}% |" for f, r in rep["formats"].items())
+    ctx.sections.append(
+        "## 8. Quantized CPU inference\n\n"
+        f"The DPO model in each format ({rep['threads']} threads; `geb quantize --model {src} --format int4 --out ...`). "
+        "Perplexity on text in held-out phrasings.\n\n"
+        "| format | weights MiB | prefill tok/s | decode tok/s | perplexity | vs fp32 |\n|---|---|---|---|---|---|\n" + rows + "\n")
+
+
 STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("corpus", stage_corpus),
     ("tokenizer", stage_tokenizer),
@@ -333,6 +390,8 @@ STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("heldout", stage_heldout),
     ("sft", stage_sft),
     ("dpo", stage_dpo),
+    ("eval", stage_eval),
+    ("quantize", stage_quantize),
 ]
 
 

@@ -70,6 +70,9 @@ def test_batched_decode_rows_at_different_depths(tiny_cfg):
     out = rt.decode(torch.stack([ids[5], ids[12], ids[2]]), cache)
     torch.testing.assert_close(out, ref[[5, 12, 2]], rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     assert cache.lengths == [6, 13, 3]
+    cache.swap(0, 1)  # sequences change slots (the scheduler does this): decode follows them
+    out = rt.decode(torch.stack([ids[13], ids[6]]), cache)
+    torch.testing.assert_close(out, ref[[13, 6]], rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 def test_engine_greedy_equals_full_forward_loop(tiny_cfg, tokenizer):
@@ -175,3 +178,28 @@ def test_engine_restores_thread_count(tiny_cfg, tokenizer):
     eng = Engine(m, tokenizer, threads=1)
     eng.generate("Water", SamplingParams(max_new_tokens=3, temperature=0))
     assert torch.get_num_threads() == before
+
+
+def test_chunked_prefill_in_the_scheduler_matches_alone(tiny_cfg, tokenizer):
+    """Prompts prefilled a few tokens per step, while others decode; one is cancelled mid-prefill."""
+    m = peaky_model(tiny_cfg)
+    eng = Engine(m, tokenizer)
+    texts = ["The capital of France is Paris. Paris is known for", "Water", "北京是中国的首都。长城是世界上最长的",
+             "def add(a, b):\n    return a + b  # code", "In 2024, 3 cats and 12 dogs lived on"]
+    ps = [SamplingParams(max_new_tokens=n, temperature=t, seed=i, stop_ids=[])
+          for i, (n, t) in enumerate([(9, 0), (12, 0.9), (7, 0), (10, 0.5), (8, 0)])]
+    prompts = [tokenizer.encode(t) for t in texts]
+    be = eng.batch_engine(max_batch=3, max_len=64, prefill_chunk=3)
+    reqs = [be.submit(prompts[0], ps[0]), be.submit(prompts[1], ps[1])]
+    be.step()
+    assert reqs[0]._prefilled == 3 and not reqs[0].ids  # a 3-token slice of the long prompt, no token yet
+    reqs += [be.submit(x, p) for x, p in zip(prompts[2:], ps[2:])]  # two wait in the queue
+    victim = be.submit(prompts[0], ps[0])
+    be.step()
+    be.cancel(victim.id)
+    be.run()
+    assert victim.finish_reason == "cancelled"
+    for r, x, p in zip(reqs, prompts, ps):
+        assert r.ids == list(eng.generate_ids(x, p)), r.id
+        assert r.finish_reason == "length"
+    assert not be.active and not be.prefilling and be.cache.lengths == [0, 0, 0]

@@ -17,12 +17,14 @@ def report(tmp_path_factory):
 def test_report_files_and_sections(report):
     out, summary = report
     md = (out / "report.md").read_text()
-    for heading in ("Built-in corpus", "Tokenizer", "Pretraining", "Held-out questions", "SFT", "DPO"):
+    for heading in ("Built-in corpus", "Tokenizer", "Pretraining", "Held-out questions", "SFT", "DPO",
+                    "Evaluation", "Quantized CPU inference", "geb serve --model"):
         assert heading in md, heading
     assert json.loads((out / "report.json").read_text())["results"] == summary["results"]
     for f in ("ckpt/pretrain/loss.png", "ckpt/sft/loss.png", "ckpt/dpo/loss.png", "data/report.md",
-              "samples/heldout_pretrain.jsonl"):
-        assert (out / f).is_file(), f
+              "samples/heldout_pretrain.jsonl", "eval/compare.png", "eval/dpo-ceval/results.json",
+              "benchmarks/ceval/val", "ckpt/dpo-int4/config.json"):
+        assert (out / f).exists(), f
 
 
 def test_pipeline_removed_noise_and_duplicates(report):
@@ -51,3 +53,18 @@ def test_rerun_reuses_finished_stages(report):
     again = run_quickstart(QuickstartConfig.small_config(str(out)))
     assert (out / "ckpt" / "pretrain" / "model.safetensors").stat().st_mtime_ns == before
     assert again["results"]["pretrain"]["val_loss"] == summary["results"]["pretrain"]["val_loss"]
+
+
+def test_quantized_formats_reported(report):
+    q = report[1]["results"]["quantize"]["formats"]
+    assert set(q) == {"fp32", "bf16", "int8", "int4"}
+    assert abs(q["int8"]["ppl_vs_fp32"]) < 0.02
+    assert q["int4"]["weight_bytes"] < q["int8"]["weight_bytes"] < q["fp32"]["weight_bytes"]
+    for r in q.values():
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+
+
+def test_eval_accuracies_are_proportions(report):
+    ev = report[1]["results"]["eval"]
+    assert set(ev) == {f"{s}_{b}" for s in ("pretrain", "sft", "dpo") for b in ("ceval", "mmlu")}
+    assert all(0.0 <= v <= 1.0 for v in ev.values())

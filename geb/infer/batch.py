@@ -98,6 +98,7 @@ class Request:
     _seen: list[int] = field(default_factory=list)
     _next: int = -1  # sampled but not yet fed token
     _budget: int = 0
+    _prefilled: int = 0  # prompt tokens already in the cache
 
     @property
     def done(self) -> bool:
@@ -115,11 +116,19 @@ class Event:
 
 
 class BatchEngine:
-    def __init__(self, runtime: Runtime, tokenizer, max_batch: int = 8, max_len: int | None = None):
+    """Slot scheduler. `prefill_chunk` bounds how many prompt tokens are prefilled per step (None: whole
+    prompts at once), so a long prompt joining the batch delays the others' next token by one chunk,
+    not by its whole prefill; the prompt's logits are exactly those of one pass (chunked prefill
+    attends to the cached part)."""
+
+    def __init__(self, runtime: Runtime, tokenizer, max_batch: int = 8, max_len: int | None = None,
+                 prefill_chunk: int | None = 256):
         self.rt, self.tok = runtime, tokenizer
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
         self.cache = SlotCache(runtime.cfg, max_batch, max_len or runtime.cfg.max_seq_len)
-        self.active: list[Request] = []  # index = slot
+        self.active: list[Request] = []  # generating; index = slot (slots 0..G-1)
+        self.prefilling: list[Request] = []  # arrival order; they hold slots G..G+P-1 in any order
         self._queue: list[Request] = []
         self._cancel: set[str] = set()
         self._lock = threading.Lock()
@@ -145,7 +154,7 @@ class BatchEngine:
     @property
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self.active or self._queue)
+            return bool(self.active or self.prefilling or self._queue)
 
     # -- the loop (one thread) ----------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -157,37 +166,58 @@ class BatchEngine:
                 if r.id in cancel:
                     r.finish_reason = "cancelled"
                     events.append(Event(r, [], "", "cancelled"))
-            free = self.max_batch - len(self.active)
+            free = self.max_batch - len(self.active) - len(self.prefilling)
             admit, self._queue = queued[:free], queued[free:]
-        for r in list(self.active):  # a request sampled in the last step is live until fed
+        for r in self.active + self.prefilling:
             if r.id in cancel:
                 self._finish(r, "cancelled", events)
         # No thread-count restore per step: the scheduler's loop owns its thread, and resizing
         # torch's pool every step would cost more than the step's small ops.
         for r in admit:
+            self._admit(r, events)
+        budget = self.prefill_chunk or float("inf")
+        while self.prefilling and budget > 0:
+            r = self.prefilling[0]
+            n0 = r._prefilled
+            n1 = int(min(len(r.prompt_ids), n0 + budget))
             try:
-                self._admit(r, events)
+                logits = self.rt.prefill(r.prompt_ids[n0:n1], self.cache, r.slot)
             except GebError as e:  # a bad request fails alone; the batch goes on
                 r.error = str(e)
                 self._finish(r, "error", events)
+                continue
+            budget -= n1 - n0
+            r._prefilled = n1
+            if n1 == len(r.prompt_ids):
+                self._start_generating(r)
+                self._take(r, logits[None], events)
         if self.active:
             self._decode(events)
         return events
 
     def _admit(self, r: Request, events: list[Event]) -> None:
         p = r.params
-        r.slot = len(self.active)
-        self.active.append(r)
-        self.cache.lengths[r.slot] = 0
         r._budget = min(p.max_new_tokens, self.cache.max_len - len(r.prompt_ids))
         r._stream = TextStream(self.tok, p.stop)
         r._gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
         r._seen = list(r.prompt_ids)
+        r._prefilled = 0
         if r._budget <= 0:
             self._finish(r, "length", events)
             return
-        logits = self.rt.prefill(r.prompt_ids, self.cache, r.slot)
-        self._take(r, logits[None], events)
+        r.slot = len(self.active) + len(self.prefilling)
+        self.cache.lengths[r.slot] = 0
+        self.prefilling.append(r)
+
+    def _start_generating(self, r: Request) -> None:
+        """r's prompt is in its slot: move it to slot G (the first after the generating ones)."""
+        g = len(self.active)
+        if r.slot != g:
+            other = next(q for q in self.prefilling if q.slot == g)
+            self.cache.swap(r.slot, g)
+            other.slot, r.slot = r.slot, g
+        self.prefilling.remove(r)
+        self.active.append(r)
 
     def _decode(self, events: list[Event]) -> None:
         toks = torch.tensor([r._next for r in self.active])
@@ -218,22 +248,34 @@ class BatchEngine:
         r._next = t
         events.append(Event(r, [t], delta, None))
 
+    def _move(self, q: Request, dst: int) -> None:
+        self.cache.move(q.slot, dst)
+        q.slot = dst
+
     def _finish(self, r: Request, reason: str, events: list[Event], ids: list[int] | None = None,
                 delta: str = "") -> None:
         if r._stream is not None:
             delta += r._stream.finish()
             r.text = r._stream.text
         r.finish_reason = reason
-        if r.slot >= 0:
+        if r in self.active:  # keep generating sequences in slots 0..G-1, prefilling ones right after
             last = len(self.active) - 1
-            if r.slot != last:  # keep live sequences in the leading slots
-                moved = self.active[last]
-                self.cache.move(last, r.slot)
-                moved.slot = r.slot
-                self.active[r.slot] = moved
+            hole = r.slot
+            if hole != last:
+                self._move(self.active[last], hole)
+                self.active[hole] = self.active[last]
             self.active.pop()
             self.cache.lengths[last] = 0
-            r.slot = -1
+            if self.prefilling:
+                self._move(max(self.prefilling, key=lambda q: q.slot), last)
+        elif r in self.prefilling:
+            top = max(self.prefilling, key=lambda q: q.slot)
+            hole = r.slot
+            self.prefilling.remove(r)
+            self.cache.lengths[hole] = 0
+            if top is not r:
+                self._move(top, hole)
+        r.slot = -1
         events.append(Event(r, ids or [], delta, reason))
 
     def run(self) -> None:

@@ -139,9 +139,10 @@ class Engine:
         return self.generate(ids, p)
 
     # -- batches --------------------------------------------------------------------------------
-    def batch_engine(self, max_batch: int = 8, max_len: int | None = None) -> BatchEngine:
+    def batch_engine(self, max_batch: int = 8, max_len: int | None = None,
+                     prefill_chunk: int | None = 256) -> BatchEngine:
         """A continuous-batching scheduler over this engine's weights (see geb.infer.batch)."""
-        return BatchEngine(self.rt, self.tok, max_batch=max_batch, max_len=max_len)
+        return BatchEngine(self.rt, self.tok, max_batch=max_batch, max_len=max_len, prefill_chunk=prefill_chunk)
 
     def generate_batch(self, prompts: list, params: SamplingParams | list[SamplingParams],
                        max_batch: int = 8) -> list[Generation]:

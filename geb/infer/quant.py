@@ -27,7 +27,11 @@ from geb.errors import GebError
 FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel accepts
 NUMPY_MAX_ROWS = 8  # up to this many rows fp32 goes through numpy (matrix-vector territory)
-DEQUANT_MIN_ROWS = 32  # from this many rows (prefill) int8/int4 weights are widened to BF16 for a GEMM
+# From this many rows (prefill) quantized weights are widened to BF16 for one GEMM: widening costs a
+# fixed pass over the weight, the packed kernels cost per row (measured on one 5632x2048 matrix:
+# widening int8 ~11 ms, int4 ~75 ms; per row int8/int4 kernels ~1 ms against ~0.35 ms in BF16).
+INT8_DEQUANT_MIN_ROWS = 16
+INT4_DEQUANT_MIN_ROWS = 128
 DEQUANT_BLOCK = 2048  # output rows widened at a time: bounds the temporary BF16 copy (~8 MiB at K=2048)
 
 
@@ -137,7 +141,7 @@ class Int8Linear(Linear):
 
     def __call__(self, x):
         xb = x.to(torch.bfloat16)
-        if x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
+        if x.shape[0] >= INT8_DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
             out = torch.empty(x.shape[0], self.out_features)
             for n0 in range(0, self.out_features, DEQUANT_BLOCK):
                 n1 = min(n0 + DEQUANT_BLOCK, self.out_features)
@@ -180,6 +184,18 @@ def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
 
 
 _LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
+PACK_ROWS = 1024  # rows packed at a time: torch's packer wants int32 codes (4 bytes per weight)
+
+
+def _pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
+    """Plain nibbles → torch's CPU int4 layout. Whole 64-row blocks pack independently, so big
+    matrices go in slices of PACK_ROWS rows (a bounded int32 temporary instead of 8x the weight)."""
+    n = nibbles.shape[0]
+    if n % 64 or n <= PACK_ROWS:
+        return torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles), 1)
+    parts = [torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles[i : i + PACK_ROWS]), 1)
+             for i in range(0, n, PACK_ROWS)]
+    return torch.cat(parts, 0)
 
 
 class Int4Linear(Linear):
@@ -195,7 +211,7 @@ class Int4Linear(Linear):
         self.sz, self.group_size = scale_zero.to(torch.bfloat16), group_size
         self.out_features, self.in_features = n, in_features
         self.padded_in = kp  # inputs are zero-padded up to a whole group
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles), 1)
+        self.packed = _pack_int4(nibbles)
         # The packed layout of whole 64-row blocks is known (see _codes); other shapes keep the nibbles.
         self._nibbles = nibbles if keep_nibbles or n % 64 else None
 
@@ -257,7 +273,7 @@ class Int4Linear(Linear):
         xb = x.to(torch.bfloat16)
         if self.padded_in != self.in_features:
             xb = F.pad(xb, (0, self.padded_in - self.in_features))
-        if x.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
+        if x.shape[0] >= INT4_DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
             if self._nibbles is not None:
                 return F.linear(xb, self._dequant_padded(torch.bfloat16)).float()
             out = torch.empty(x.shape[0], self.out_features)
