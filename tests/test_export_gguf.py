@@ -138,6 +138,9 @@ def test_metadata_and_quantized_exports(tmp_path, tokenizer, tiny_cfg):
     amax = ref_q.abs().max().item()
     assert errs["bf16"] < amax / 100 and errs["q8_0"] < amax / 100 and errs["q4_0"] < amax / 6
     assert errs["q4_0"] > errs["q8_0"] > errs["bf16"]
+    export_gguf(tmp_path / "m", tmp_path / "e.gguf", "q4_0", output_type="bf16", embedding_type="q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "e.gguf")).tensors}
+    assert (types["token_embd.weight"], types["output.weight"], types["blk.0.ffn_up.weight"]) == ("Q8_0", "BF16", "Q4_0")
     import_gguf(tmp_path / "m-q4_0.gguf", tmp_path / "back")  # quantized files import too
     assert (tmp_path / "back" / "model.safetensors").is_file()
 

@@ -19,6 +19,8 @@ def configure(p) -> None:
                    help="weight format (default f32; norms always stay f32)")
     g.add_argument("--output-type", default=None, choices=("f32", "f16", "bf16", "q8_0", "q4_0"),
                    help="format of the output layer (default: as --type, but q8_0 for q4_0)")
+    g.add_argument("--embedding-type", default=None, choices=("f32", "f16", "bf16", "q8_0", "q4_0"),
+                   help="format of token_embd (default: as --type)")
     g.add_argument("--name", default=None, help="general.name in the file (default: the folder's name)")
     for q in (h, g):
         q.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
@@ -31,7 +33,8 @@ def run(args) -> int:
     if args.format == "gguf":
         from geb.export.gguf import export_gguf
 
-        info = export_gguf(args.model, args.out, args.type, output_type=args.output_type, name=args.name)
+        info = export_gguf(args.model, args.out, args.type, output_type=args.output_type,
+                           embedding_type=args.embedding_type, name=args.name)
     else:
         from geb.export.hf import export_hf
 

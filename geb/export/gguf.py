@@ -228,7 +228,7 @@ def add_tokenizer(writer, src: GebFolder, vocab_size: int, gguf) -> dict:
 
 
 # -- export ---------------------------------------------------------------------------------------------
-def _tensor_plan(src: GebFolder, kind: str, output_kind: str):
+def _tensor_plan(src: GebFolder, kind: str, output_kind: str, embedding_kind: str | None = None):
     """(gguf name, geb name, type, transform) for every tensor, in file order."""
     c = src.cfg
     rot = c.rotary_dims
@@ -236,7 +236,7 @@ def _tensor_plan(src: GebFolder, kind: str, output_kind: str):
     if c.rope_style == "half":
         perm_q = lambda w: half_to_interleaved(w, c.n_head, c.head_dim, rot)  # noqa: E731
         perm_k = lambda w: half_to_interleaved(w, c.n_kv_head, c.head_dim, rot)  # noqa: E731
-    plan = [("token_embd.weight", "tok_emb.weight", kind, None)]
+    plan = [("token_embd.weight", "tok_emb.weight", embedding_kind or kind, None)]
     for i in range(c.n_layer):
         p, b = f"layers.{i}.", f"blk.{i}."
         plan += [
@@ -264,15 +264,21 @@ def _fits(kind: str, shape: tuple[int, ...]) -> str:
 
 
 def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f32", *, output_type: str | None = None,
-                name: str | None = None, log=None) -> dict:
-    """Write a geb folder as a llama-architecture GGUF file; returns a summary (types used, bytes)."""
+                embedding_type: str | None = None, name: str | None = None, log=None) -> dict:
+    """Write a geb folder as a llama-architecture GGUF file; returns a summary (types used, bytes).
+
+    type: f32|f16|bf16|q8_0|q4_0 for the matrices; output_type for output.weight (default: type, but
+    q8_0 when type is q4_0); embedding_type for token_embd.weight (default: type).
+    """
     gguf = _gguf()
     kind = type.lower()
     if kind not in TYPES:
         raise GebError(f"unknown GGUF type {type!r} (choose from: {', '.join(TYPES)})")
     output_kind = (output_type or ("q8_0" if kind == "q4_0" else kind)).lower()
-    if output_kind not in TYPES:
-        raise GebError(f"unknown GGUF output type {output_type!r} (choose from: {', '.join(TYPES)})")
+    embedding_kind = (embedding_type or kind).lower()
+    for what, k in (("output", output_kind), ("embedding", embedding_kind)):
+        if k not in TYPES:
+            raise GebError(f"unknown GGUF {what} type {k!r} (choose from: {', '.join(TYPES)})")
     src = GebFolder(model_dir)
     c = src.cfg
     if c.rotary_dims != c.head_dim:
@@ -285,7 +291,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f32", 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
 
-    plan = [(g, n, _fits(k, src.shapes[n]), f) for g, n, k, f in _tensor_plan(src, kind, output_kind)]
+    plan = [(g, n, _fits(k, src.shapes[n]), f) for g, n, k, f in _tensor_plan(src, kind, output_kind, embedding_kind)]
     ftype = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}[kind]
     writer = gguf.GGUFWriter(str(tmp), "llama")
     threads = torch.get_num_threads()
