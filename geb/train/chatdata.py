@@ -271,6 +271,24 @@ def load_pairs(data: Data, tokenizer, max_tokens: int, on_bad: str = "error",
     return out, report, h
 
 
+def load_train_val(loader, data: Data, val_data: Data | None, val_fraction: float, seed: int, log, *args):
+    """Train and validation records through `loader` (load_conversations or load_pairs): from
+    `val_data` when given, else a seeded `val_fraction` held out of `data`.
+    Returns (train, val, reports, data_hash, val_hash); the reports are logged as they come."""
+    train, report, data_hash = loader(data, *args, "data")
+    log(report.summary())
+    reports = {"train": report.to_dict()}
+    val_hash = None
+    if val_data is not None:
+        val, vrep, val_hash = loader(val_data, *args, "val-data")
+        log(vrep.summary())
+        reports["val"] = vrep.to_dict()
+    else:
+        tr, va = split_holdout(len(train), val_fraction, seed)
+        val, train = [train[i] for i in va], [train[i] for i in tr]
+    return train, val, reports, data_hash, val_hash
+
+
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices (train, validation) with a seeded `fraction` held out (at least one when fraction > 0)."""
     import random

@@ -33,7 +33,7 @@ from geb.checkpoint import CONFIG, META, WEIGHTS, check_folder, load_model, read
 from geb.config import ModelConfig
 from geb.errors import GebError
 from geb.tokenizer import Tokenizer
-from geb.train.chatdata import LABELS, Data, Pair, load_pairs, split_holdout
+from geb.train.chatdata import LABELS, Data, Pair, load_pairs, load_train_val
 from geb.train.loop import TrainConfig, resolve_device, resolve_dtype, resume_config, train
 from geb.train.sft import IGNORE
 
@@ -225,17 +225,8 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
     max_len = max_len or cfg.max_seq_len
     if max_len > cfg.max_seq_len:
         raise GebError(f"max length {max_len} exceeds the model's context {cfg.max_seq_len}")
-    pairs, report, data_hash = load_pairs(data, tok, max_len, on_bad, "data")
-    log(report.summary())
-    reports = {"train": report.to_dict()}
-    val_hash = None
-    if val_data is not None:
-        val, vrep, val_hash = load_pairs(val_data, tok, max_len, on_bad, "val-data")
-        log(vrep.summary())
-        reports["val"] = vrep.to_dict()
-    else:
-        tr, va = split_holdout(len(pairs), val_fraction, c.seed)
-        val, pairs = [pairs[i] for i in va], [pairs[i] for i in tr]
+    pairs, val, reports, data_hash, val_hash = load_train_val(
+        load_pairs, data, val_data, val_fraction, c.seed, log, tok, max_len, on_bad)
     if resume and (data_hash != old.get("data_hash") or val_hash != old.get("val_data_hash")):
         raise GebError(f"{out_dir}: the data differ from the run being resumed (hash {data_hash} vs "
                        f"{old.get('data_hash')}); resume with the same files")

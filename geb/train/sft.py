@@ -24,7 +24,7 @@ import torch
 
 from geb.checkpoint import check_folder, load_model, read_meta
 from geb.errors import GebError
-from geb.train.chatdata import Data, load_conversations, split_holdout
+from geb.train.chatdata import Data, load_conversations, load_train_val
 from geb.train.loop import TrainConfig, resume_config, train
 
 IGNORE = -100
@@ -162,18 +162,8 @@ def run_sft(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
     seq_len = seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
         raise GebError(f"sequence length {seq_len} exceeds the model's context {model.cfg.max_seq_len}")
-    examples, report, data_hash = load_conversations(data, tok, seq_len, on_bad, "data")
-    log(report.summary())
-    reports = {"train": report.to_dict()}
-    val_hash = None
-    if val_data is not None:
-        val, vrep, val_hash = load_conversations(val_data, tok, seq_len, on_bad, "val-data")
-        log(vrep.summary())
-        reports["val"] = vrep.to_dict()
-    else:
-        tr, va = split_holdout(len(examples), val_fraction, c.seed)
-        val = [examples[i] for i in va]
-        examples = [examples[i] for i in tr]
+    examples, val, reports, data_hash, val_hash = load_train_val(
+        load_conversations, data, val_data, val_fraction, c.seed, log, tok, seq_len, on_bad)
     if resume:
         if data_hash != old.get("data_hash") or val_hash != old.get("val_data_hash"):
             raise GebError(f"{out_dir}: the data differ from the run being resumed (hash {data_hash} vs "
