@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import sys
 
-from geb.commands.common import add_sampling, add_threads, apply_threads, sampling_from_args
+from geb.commands.common import add_engine, engine_from_args
 
 
 def configure(p) -> None:
-    p.add_argument("--model", required=True, help="model folder (full precision or quantized)")
     p.add_argument("--system", help="system message")
-    add_sampling(p)
-    add_threads(p)
+    add_engine(p)
 
 
 def run(args) -> int:
     from geb.errors import GebError
-    from geb.infer.engine import Engine
 
-    apply_threads(args)
-    eng = Engine.from_folder(args.model)
-    p = sampling_from_args(args)
+    eng, p = engine_from_args(args)
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
     interactive = sys.stdin.isatty()

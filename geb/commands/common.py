@@ -58,3 +58,20 @@ def sampling_from_args(args):
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         seed=args.seed, stop=list(args.stop),
     )
+
+
+def add_engine(p) -> None:
+    """--model, --format, sampling and --threads: what every generating command takes."""
+    p.add_argument("--model", required=True, help="model folder (full precision or quantized)")
+    p.add_argument("--format", choices=["fp32", "bf16", "int8", "int4"], default=None,
+                   help="run a full-precision folder in this format (default: fp32, or a quantized folder's own)")
+    add_sampling(p)
+    add_threads(p)
+
+
+def engine_from_args(args):
+    """(Engine, SamplingParams) for the arguments add_engine declared."""
+    from geb.infer.engine import Engine
+
+    apply_threads(args)
+    return Engine.from_folder(args.model, format=args.format), sampling_from_args(args)

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import sys
 
-from geb.commands.common import add_sampling, add_threads, apply_threads, sampling_from_args
+from geb.commands.common import add_engine, engine_from_args
 
 
 def configure(p) -> None:
     p.add_argument("prompt", help="prompt text")
-    p.add_argument("--model", required=True, help="model folder (full precision or quantized)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     p.add_argument("--system", help="system message (with --chat)")
-    add_sampling(p)
-    add_threads(p)
+    add_engine(p)
 
 
 def run(args) -> int:
-    from geb.infer.engine import Engine
-
-    apply_threads(args)
-    eng = Engine.from_folder(args.model)
-    p = sampling_from_args(args)
+    eng, p = engine_from_args(args)
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
         ids, _ = eng.tok.render_chat(msgs, add_generation_prompt=True)
