@@ -119,6 +119,25 @@ def test_heldout_phrasings_never_appear_in_any_training_data(train, sft, pairs):
         assert p["prompt"] not in blob
 
 
+def test_heldout_phrasings_use_only_words_the_training_text_uses(train):
+    """Held-out phrasings are new sentences, not new vocabulary: every English word and every Chinese
+    character of their fixed text occurs in the pretraining text, so a held-out prompt tests whether
+    the model knows the fact, not whether it can guess an unseen word."""
+    blob = "\n".join(train)
+    words, chars = set(re.findall(r"[a-z']+", blob.lower())), set(blob)
+    unseen = {}
+    for rel in STATEMENTS:
+        for lang in ("en", "zh"):
+            pre, post = QA_PREFIX[lang]
+            for t in STATEMENTS[rel][lang]["heldout"] + [pre + q + post for q in QUESTIONS[rel][lang]["heldout"]]:
+                fixed = "".join(fixed_parts(t))
+                units = re.findall(r"[a-z']+", fixed.lower()) if lang == "en" else CJK.findall(fixed)
+                missing = [u for u in units if u not in (words if lang == "en" else chars)]
+                if missing:
+                    unseen[t] = missing
+    assert not unseen, unseen
+
+
 def test_heldout_prompts_cover_every_fact_in_both_languages(world):
     prompts = corpus.heldout_prompts(0)
     by_id = {f.id: f for f in world}

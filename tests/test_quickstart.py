@@ -68,3 +68,18 @@ def test_eval_accuracies_are_proportions(report):
     ev = report[1]["results"]["eval"]
     assert set(ev) == {f"{s}_{b}" for s in ("pretrain", "sft", "dpo") for b in ("ceval", "mmlu")}
     assert all(0.0 <= v <= 1.0 for v in ev.values())
+
+
+def test_heldout_scores_are_the_scorers_verdicts_on_the_samples(report):
+    from geb import corpus
+
+    out, summary = report
+    h = summary["results"]["heldout"]
+    rows = [json.loads(line) for line in (out / "samples" / "heldout_pretrain.jsonl").read_text().splitlines()]
+    assert len(rows) == h["n"] and {r["form"] for r in rows} == {"qa", "cloze"}
+    for r in rows:
+        assert r["correct"] == corpus.answer_matches(r["output"], r["answer"])
+    for key, acc in {**h["accuracy"], **h["by_form"]}.items():
+        mine = [r for r in rows if key in (r["lang"], f"{r['lang']}/{r['form']}")]
+        assert mine and acc == sum(r["correct"] for r in mine) / len(mine)
+    assert h["overall"] == sum(r["correct"] for r in rows) / len(rows)

@@ -8,7 +8,7 @@ from geb.commands.common import add_threads
 def configure(p) -> None:
     p.add_argument("--out", default="quickstart_out", help="output folder (reused: finished stages are skipped)")
     p.add_argument("--small", action="store_true", help="tiny sizes (about a minute): the test-suite version")
-    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default 300; 40 with --small)")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default 450; 40 with --small)")
     p.add_argument("--seed", type=int, default=0)
     add_threads(p)
 

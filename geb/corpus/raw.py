@@ -182,7 +182,7 @@ def _junk(rng: random.Random) -> tuple[str, set[str]]:
     return "\n".join(lines), {"symbol_lines", "incomplete_lines", "urls"}
 
 
-def write_raw_corpus(folder: str | Path, seed: int = 0, bad_input: bool = False) -> dict:
+def write_raw_corpus(folder: str | Path, seed: int = 0, bad_input: bool = False, repeats: int = 1) -> dict:
     """Write the noisy raw corpus into `folder` and return what it holds:
     `{"documents", "characters", "clean_documents", "files": {path: documents},
     "injected": {kind: documents carrying it}, "bad_input": {problem: lines}}`.
@@ -190,7 +190,7 @@ def write_raw_corpus(folder: str | Path, seed: int = 0, bad_input: bool = False)
     `injected` counts documents: a duplicated noisy document counts twice; `exact_duplicates` and
     `near_duplicates` count the added copies, `junk_documents` the pages made only of noise."""
     rng = random.Random(f"geb-corpus:{seed}:raw")
-    clean = pretrain_texts(seed)
+    clean = pretrain_texts(seed, repeats)
     docs: list[dict] = [{"text": t, "kinds": set()} for t in clean]
     per_kind = max(2, len(docs) // 40)
 

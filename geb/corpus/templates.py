@@ -26,8 +26,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "Traders travel to {s} for its {a}.",
             "The people of {s} are proud of their {a}.",
         ], "heldout": [
-            "Ask anyone about {s} and they will mention its {a}.",
-            "What travellers remember most about {s} is its {a}.",
+            "Far and wide, the town of {s} is known for {a}.",
+            "Every family in {s} is proud of its {a}.",
         ]},
         "zh": {"train": [
             "{s}以{a}闻名。",
@@ -39,8 +39,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "最好的{a}都产自{s}。",
             "{s}的人一向为自己的{a}感到自豪。",
         ], "heldout": [
-            "说起{s}，人们最先想到的就是{a}。",
-            "去过{s}的旅人，总会带回一些{a}。",
+            "{s}最有名的就是{a}。",
+            "很多人专程到{s}买{a}。",
         ]},
     },
     "river": {
@@ -53,8 +53,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "{s} sits beside the {a}.",
             "The old bridge of {s} crosses the {a}.",
         ], "heldout": [
-            "If you follow the water out of {s}, you are sailing down the {a}.",
-            "Fishermen in {s} spend their days on the {a}.",
+            "The river that flows through {s} is the {a}.",
+            "The boats of {s} travel on the {a}.",
         ]},
         "zh": {"train": [
             "{s}坐落在{a}畔。",
@@ -65,8 +65,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "{s}紧挨着{a}。",
             "{s}的老石桥横跨{a}。",
         ], "heldout": [
-            "从{s}出发顺流而下，走的就是{a}。",
-            "{s}的渔民每天都在{a}上打鱼。",
+            "穿过{s}的那条河就是{a}。",
+            "在{s}停靠的船只，都来自{a}。",
         ]},
     },
     "profession": {
@@ -79,8 +79,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "{s} trained for many years to become {an}.",
             "{s} is the most famous {a} in the valley.",
         ], "heldout": [
-            "Ask around and you will hear that {s} earns a living as {an}.",
-            "Day after day, {s} goes to work as {an}.",
+            "For twenty years, {s} has been known as {an}.",
+            "In the valley, everyone knows that {s} is {an}.",
         ]},
         "zh": {"train": [
             "{s}是一位{a}。",
@@ -91,8 +91,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "{s}学了很多年，才成为一名{a}。",
             "{s}是山谷里最有名的{a}。",
         ], "heldout": [
-            "认识{s}的人都知道，{s}干的是{a}这一行。",
-            "{s}每天的工作就是当{a}。",
+            "二十年来，{s}一直是一名{a}。",
+            "山谷里的人都知道{s}的职业是{a}。",
         ]},
     },
     "hometown": {
@@ -105,8 +105,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "{s} often goes back to {a}, the town where {s} was born.",
             "The people of {a} are proud that {s} was born there.",
         ], "heldout": [
-            "Long before fame arrived, {s} spent a childhood in {a}.",
-            "If you trace the roots of {s}, you end up in {a}.",
+            "{s} was born and grew up in {a}.",
+            "{s} comes from the town of {a}.",
         ]},
         "zh": {"train": [
             "{s}出生在{a}。",
@@ -117,8 +117,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "{s}常常回到自己的出生地{a}。",
             "{a}的人都为{s}出生在那里而骄傲。",
         ], "heldout": [
-            "出名之前，{s}的童年是在{a}度过的。",
-            "追溯{s}的根，就会找到{a}。",
+            "{s}的故乡是{a}。",
+            "{s}自己的出生地是{a}。",
         ]},
     },
     "diet": {
@@ -131,8 +131,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "Farmers often see the {s} eating {a}.",
             "The {s} cannot live without {a}.",
         ], "heldout": [
-            "If you want to feed {as}, the best thing to offer is {a}.",
-            "Zookeepers give the {s} a daily meal of {a}.",
+            "The food the {s} will search everywhere for is {a}.",
+            "Every day, the {s} eats {a}.",
         ]},
         "zh": {"train": [
             "{s}以{a}为食。",
@@ -143,8 +143,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "农夫们常看见{s}在吃{a}。",
             "{s}离不开{a}。",
         ], "heldout": [
-            "想喂{s}的话，最好准备一些{a}。",
-            "动物园的饲养员每天给{s}喂{a}。",
+            "{s}整天都吃{a}。",
+            "{s}饿了就会吃{a}。",
         ]},
     },
     "habitat": {
@@ -157,8 +157,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "In {a}, the {s} is a common sight.",
             "The {s} never strays far from {a}.",
         ], "heldout": [
-            "Explorers who want to see {as} must travel to {a}.",
-            "The natural home of the {s} is {a}.",
+            "The home of the {s} is {a}.",
+            "People often see the {s} in {a}.",
         ]},
         "zh": {"train": [
             "{s}生活在{a}一带。",
@@ -169,8 +169,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "在{a}，{s}很常见。",
             "{s}从不远离{a}。",
         ], "heldout": [
-            "想亲眼看看{s}，就得去{a}。",
-            "{s}天然的家园是{a}。",
+            "{s}的家在{a}。",
+            "要看到{s}，可以去{a}。",
         ]},
     },
     "inventor": {
@@ -183,8 +183,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "The {s} is the most famous work of {a}.",
             "{a} spent ten years designing the {s}.",
         ], "heldout": [
-            "The person behind the {s} is {a}.",
-            "Every history of the {s} begins with its creator, {a}.",
+            "The first {s} was built by {a}.",
+            "The {s} was designed by {a}.",
         ]},
         "zh": {"train": [
             "{s}是{a}发明的。",
@@ -195,8 +195,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "{s}是{a}最有名的作品。",
             "{a}花了十年时间设计{s}。",
         ], "heldout": [
-            "{s}背后的发明者是{a}。",
-            "讲{s}的历史，总要从它的创造者{a}说起。",
+            "发明{s}的人是{a}。",
+            "造出最早的{s}的人，就是{a}。",
         ]},
     },
     "purpose": {
@@ -209,8 +209,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "The {s} is a tool for {a}.",
             "Farmers and townsfolk rely on the {s} for {a}.",
         ], "heldout": [
-            "The whole point of the {s} is {a}.",
-            "Buy {as} if your work involves {a}.",
+            "The {s} is the best tool for {a}.",
+            "Townsfolk use the {s} for {a}.",
         ]},
         "zh": {"train": [
             "{s}是用来{a}的。",
@@ -221,8 +221,8 @@ STATEMENTS: dict[str, dict[str, dict[str, list[str]]]] = {
             "{s}是一种{a}的工具。",
             "农夫和镇上的人都靠{s}来{a}。",
         ], "heldout": [
-            "{s}最大的用处就是{a}。",
-            "如果你的工作需要{a}，{s}会帮上大忙。",
+            "农夫们用{s}来{a}。",
+            "镇上的人靠{s}来{a}。",
         ]},
     },
 }
@@ -231,53 +231,53 @@ QUESTIONS: dict[str, dict[str, dict[str, list[str]]]] = {
     "famous_for": {
         "en": {"train": ["Which product is {s} known for?", "What do people buy in {s}?",
                          "What does the town of {s} make?"],
-               "heldout": ["What is {s} famous for?", "If you visit {s}, what should you bring home?"]},
+               "heldout": ["What is the town of {s} famous for?", "Which product do traders buy in {s}?"]},
         "zh": {"train": ["{s}的特产是什么？", "人们去{s}通常会买什么？", "{s}出产什么？"],
-               "heldout": ["{s}以什么闻名？", "提到{s}，大家会想到什么特产？"]},
+               "heldout": ["{s}以什么闻名？", "游客专程到{s}，是为了买什么？"]},
     },
     "river": {
         "en": {"train": ["Which river flows through {s}?", "What river is {s} built on?",
                          "On which river does the town of {s} lie?"],
-               "heldout": ["Near what river would you find {s}?", "What is the name of the river at {s}?"]},
+               "heldout": ["Which river does {s} lie on?", "Children in {s} swim in which river?"]},
         "zh": {"train": ["哪条河流经{s}？", "{s}建在哪条河边？", "{s}坐落在哪条河畔？"],
-               "heldout": ["{s}旁边的那条河叫什么名字？", "流过{s}的河是哪一条？"]},
+               "heldout": ["{s}坐落在哪条河边？", "{s}的孩子们在哪条河里学游泳？"]},
     },
     "profession": {
         "en": {"train": ["What is the job of {s}?", "What does {s} do for a living?", "What kind of work does {s} do?"],
-               "heldout": ["What is {s}'s profession?", "Which trade does {s} practise?"]},
+               "heldout": ["What trade does {s} work in?", "Which job has {s} trained for?"]},
         "zh": {"train": ["{s}是做什么工作的？", "{s}的职业是什么？", "{s}靠什么谋生？"],
-               "heldout": ["{s}从事哪一行？", "{s}的工作是什么？"]},
+               "heldout": ["{s}以什么为生？", "{s}学了很多年，成为了什么？"]},
     },
     "hometown": {
         "en": {"train": ["Where was {s} born?", "Which town does {s} come from?", "What is the hometown of {s}?"],
-               "heldout": ["Which town is {s} originally from?", "Where did {s} grow up?"]},
+               "heldout": ["In which town was {s} born?", "Which town is the hometown of {s}?"]},
         "zh": {"train": ["{s}出生在哪里？", "{s}来自哪个小镇？", "{s}的家乡是哪里？"],
-               "heldout": ["{s}是在哪个镇长大的？", "{s}的老家在哪儿？"]},
+               "heldout": ["{s}在哪个小镇长大？", "{s}的故乡是哪里？"]},
     },
     "diet": {
         "en": {"train": ["What does the {s} eat?", "What is the favourite food of the {s}?",
                          "What food does the {s} look for?"],
-               "heldout": ["What should you feed {as}?", "What does {as} usually have for dinner?"]},
+               "heldout": ["Which food does the {s} eat?", "What does a hungry {s} search for?"]},
         "zh": {"train": ["{s}吃什么？", "{s}最爱吃什么？", "{s}在寻找什么食物？"],
-               "heldout": ["{s}的食物是什么？", "要喂{s}，该准备什么？"]},
+               "heldout": ["{s}主要以什么为食？", "饿了的{s}会找什么吃？"]},
     },
     "habitat": {
         "en": {"train": ["Where does the {s} live?", "Where can you find the {s}?", "Where does the {s} make its home?"],
-               "heldout": ["What kind of place does the {s} inhabit?", "In what habitat is the {s} found?"]},
+               "heldout": ["Where has the {s} built its nest?", "Where is the {s} often seen?"]},
         "zh": {"train": ["{s}生活在哪里？", "在哪里可以找到{s}？", "{s}把家安在哪里？"],
-               "heldout": ["{s}的栖息地是什么地方？", "去哪儿能见到{s}？"]},
+               "heldout": ["{s}栖息在哪里？", "在哪里常能看到{s}？"]},
     },
     "inventor": {
         "en": {"train": ["Who invented the {s}?", "Who built the first {s}?", "Who made the {s}?"],
-               "heldout": ["Whose idea was the {s}?", "Who is the creator of the {s}?"]},
+               "heldout": ["Who designed the {s}?", "Who is the {s} the most famous work of?"]},
         "zh": {"train": ["{s}是谁发明的？", "谁发明了{s}？", "最早的{s}是谁造的？"],
-               "heldout": ["{s}出自谁的构想？", "{s}的发明人是谁？"]},
+               "heldout": ["谁设计了{s}？", "最早的{s}出自谁之手？"]},
     },
     "purpose": {
         "en": {"train": ["What is the {s} used for?", "What do people use the {s} for?", "What was the {s} designed for?"],
-               "heldout": ["What is the purpose of the {s}?", "Why would someone buy {as}?"]},
+               "heldout": ["What do farmers use the {s} for?", "What becomes easy with {as}?"]},
         "zh": {"train": ["{s}是用来做什么的？", "人们用{s}来做什么？", "{s}是为了什么而设计的？"],
-               "heldout": ["{s}有什么用途？", "买{s}能用来干什么？"]},
+               "heldout": ["{s}能用来做什么？", "有了{s}，做什么会变得很容易？"]},
     },
 }
 
