@@ -37,6 +37,27 @@ def test_int8_and_int4_layers_match_their_dequantized_weights():
     torch.testing.assert_close(layer(xs), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
+def test_int8_single_row_also_quantizes_the_activation(monkeypatch):
+    """One row (single-sequence decode) runs int8 x int8: its error against the dequantized weight is
+    the activation's rounding (at most half a step per element) and nothing more."""
+    import geb.infer.quant as quant
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(200, 96, generator=g) * 0.05
+    x = torch.randn(1, 96, generator=g) * 3
+    layer = Int8Linear.from_float(w)
+    deq = layer.dequantize()
+    ref = x @ deq.T
+    step = x.abs().max() / 127
+    bound = 0.5 * step * deq.abs().sum(1) * 1.001 + 1e-5
+    dyn = layer(x)
+    assert ((dyn - ref).abs()[0] <= bound).all()
+    xq = torch.round(x / step) * step  # exactly what the int8 GEMM multiplies
+    torch.testing.assert_close(dyn, xq @ deq.T, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(quant, "INT8_DYNAMIC_DECODE", False)  # weight-only: BF16 activation instead
+    torch.testing.assert_close(layer(x), x.bfloat16().float() @ deq.T, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
 def test_int4_pads_inputs_that_are_not_whole_groups():
     w = torch.randn(64, 176, generator=torch.Generator().manual_seed(1))
     layer = Int4Linear.from_float(w, 32)  # 176 = 5.5 groups of 32

@@ -33,6 +33,8 @@ NUMPY_MAX_ROWS = 8  # up to this many rows fp32 goes through numpy (matrix-vecto
 INT8_DEQUANT_MIN_ROWS = 16
 INT4_DEQUANT_MIN_ROWS = 128
 DEQUANT_BLOCK = 2048  # output rows widened at a time: bounds the temporary BF16 copy (~8 MiB at K=2048)
+# Single-row int8 products quantize the activation too (Int8Linear._dynamic); False: weight-only always.
+INT8_DYNAMIC_DECODE = True
 
 
 def check_format(fmt: str) -> str:
@@ -130,6 +132,7 @@ class Int8Linear(Linear):
             raise GebError(f"int8 layer: expected int8 [N, K] and scales [N], got {q.dtype} {tuple(q.shape)} "
                            f"and {tuple(scale.shape)}")
         self.q, self.scale = q, scale.to(torch.bfloat16)
+        self._scale_f32 = self.scale.float()
         self.out_features, self.in_features = q.shape
 
     @classmethod
@@ -147,7 +150,18 @@ class Int8Linear(Linear):
                 n1 = min(n0 + DEQUANT_BLOCK, self.out_features)
                 out[:, n0:n1] = F.linear(xb, torch.mul(self.q[n0:n1], self.scale[n0:n1, None]))
             return out
+        if x.shape[0] == 1 and INT8_DYNAMIC_DECODE:
+            return self._dynamic(x)
         return torch._weight_int8pack_mm(xb, self.q, self.scale).float()
+
+    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        """One row (single-sequence decode): quantize the activation row to int8 too (symmetric, one
+        scale per row, as llama.cpp quantizes activations for Q8_0, there per block of 32) and run
+        torch's int8 x int8 -> int32 GEMM on the weight as stored: 1.4-2x the speed of the weight-only
+        kernel at one row (40-51 vs 20-33 GB/s of weights on 2 cores), and slower from two rows on."""
+        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
+        xq = torch.round(x / s).to(torch.int8)
+        return torch._int_mm(xq, self.q.t()).float().mul_(s).mul_(self._scale_f32)
 
     def state(self, prefix):
         return {prefix + "qweight": self.q, prefix + "scales": self.scale}
