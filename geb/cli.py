@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 # name → (module, one-line help). Add a subcommand by adding a module and one line here.
@@ -40,30 +39,15 @@ def build_parser(load_all: bool = False, only: str | None = None) -> argparse.Ar
     return parser
 
 
-def default_wait_policy(load_1min: float, cores: int) -> str | None:
-    """PASSIVE (idle OpenMP workers sleep at once) when other work already keeps half the cores busy:
-    there, spinning workers steal the time slices the working thread needs (decode ran 3-8x slower on
-    a shared 2-core machine). Otherwise None, leaving libgomp's default (spin briefly, then sleep),
-    which on a quiet machine decodes 10-24% faster than PASSIVE (docs/inference.md)."""
-    return "PASSIVE" if load_1min >= 0.5 * max(1, cores) else None
-
-
-def _load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):  # not available on this platform
-        return 0.0
-
-
 def main(argv: list[str] | None = None) -> int:
     from geb.errors import GebError
 
-    # OpenMP's idle-thread policy is read once, when torch loads (no code path here has loaded it yet);
-    # a user's setting wins. See default_wait_policy.
-    if "OMP_WAIT_POLICY" not in os.environ:
-        policy = default_wait_policy(_load_average(), os.cpu_count() or 1)
-        if policy:
-            os.environ["OMP_WAIT_POLICY"] = policy
+    import os
+
+    # Idle OpenMP threads sleep instead of spinning: on a machine whose cores are shared (a server, a
+    # laptop), spinning workers steal the cores other thread pools need (decode ran 3-8x slower).
+    # Only effective before torch loads, which no code path here has done yet; a user's setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     name = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=name if name in COMMANDS else None)

@@ -47,12 +47,3 @@ def test_generate_and_chat_subprocess(geb_cli, tiny_model_dir):
 def test_prompt_longer_than_context(geb_cli, tiny_model_dir):
     p = geb_cli("generate", "a " * 400, "--model", tiny_model_dir, check=False)
     assert p.returncode == 2 and "context" in p.stderr and "Traceback" not in p.stderr
-
-
-def test_openmp_wait_policy_passive_only_when_the_cores_are_already_busy():
-    from geb.cli import default_wait_policy
-
-    assert default_wait_policy(0.2, 2) is None  # quiet machine: libgomp's spin-then-sleep default
-    assert default_wait_policy(1.0, 2) == "PASSIVE"  # another process holds a core
-    assert default_wait_policy(9.0, 2) == "PASSIVE"
-    assert default_wait_policy(3.0, 16) is None and default_wait_policy(8.0, 16) == "PASSIVE"
