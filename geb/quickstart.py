@@ -205,7 +205,10 @@ def stage_heldout(ctx: Context) -> None:
     ctx.results["heldout"] = {"n": len(prompts), "accuracy": {k: v for k, v in acc.items() if "/" not in k},
                               "by_form": {k: v for k, v in acc.items() if "/" in k},
                               "overall": sum(r["correct"] for r in rows) / max(1, len(prompts))}
-    show = [r for r in rows if r["lang"] == "zh"][:4] + [r for r in rows if r["lang"] == "en"][:4]
+    show = []  # the first three answered and the first two missed prompts of each language
+    for lang in ("zh", "en"):
+        mine = [r for r in rows if r["lang"] == lang]
+        show += [r for r in mine if r["correct"]][:3] + [r for r in mine if not r["correct"]][:2]
     table = "\n".join(f"| {r['lang']} | {_md(r['prompt'])} | {_md(r['output'])} | {_md(r['answer'])} | {'✓' if r['correct'] else '✗'} |"
                       for r in show)
     cell = {k: f"{v:.0%}" for k, v in acc.items()}
@@ -217,7 +220,9 @@ def stage_heldout(ctx: Context) -> None:
         "| language | question (qa) | statement (cloze) | both |\n|---|---|---|---|\n"
         + "".join(f"| {name} | {cell.get(lang + '/qa', '-')} | {cell.get(lang + '/cloze', '-')} | {cell.get(lang, '-')} |\n"
                   for lang, name in (("zh", "Chinese"), ("en", "English")))
-        + "\n| lang | prompt | output | expected | |\n|---|---|---|---|---|\n" + table + "\n")
+        + "\nThe first three answered and the first two missed prompts per language (all of them in "
+        "[samples/heldout_pretrain.jsonl](samples/heldout_pretrain.jsonl)):\n\n"
+        "| lang | prompt | output | expected | |\n|---|---|---|---|---|\n" + table + "\n")
 
 
 def stage_sft(ctx: Context) -> None:
