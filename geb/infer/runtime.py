@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from geb.config import ModelConfig
 from geb.errors import GebError
-from geb.infer.quant import NUMPY_MAX_ROWS, Embedding, Linear, check_format, make_linear
+from geb.infer.quant import NATIVE_BF16_MAX_ROWS, NUMPY_MAX_ROWS, Embedding, Linear, check_format, make_linear
 from geb.model import rope_tables
 
 PREFILL_CHUNK = 512
@@ -153,6 +153,10 @@ class Runtime:
     def set_threads(self, n: int) -> None:
         self.threads = max(1, int(n))
         self._torch_threads = None
+        if self.fmt == "bf16":
+            from geb.infer import native
+
+            native.set_threads(self.threads)  # its row-range pool for one-row BF16 products
         try:  # numpy's OpenBLAS pool (FP32 decode); threadpoolctl is optional
             from threadpoolctl import threadpool_limits
 
@@ -263,7 +267,10 @@ class Runtime:
         # Only the weight products are worth several torch threads at decode; every other op is tiny,
         # and each op that opens an OpenMP region pays a wake-up (a whole time slice when the machine
         # is busy). So small ops run on one thread and the pool is widened around each product.
-        wide = 1 if numpy_path else self.threads
+        # one-row BF16 products on geb's native kernels bring their own threads (geb.infer.native)
+        native_path = (self.fmt == "bf16" and b <= NATIVE_BF16_MAX_ROWS
+                       and getattr(self.head, "native", None) is not None)
+        wide = 1 if numpy_path or native_path else self.threads
         use = self._use_threads
 
         def mm(lin, h):
