@@ -284,8 +284,12 @@ def machine_info() -> dict:
         pass
     from geb.commands.common import physical_cores  # a plain helper module, not a command
 
+    from geb.infer import native
+
     return {"cpu": model or platform.processor(), "physical_cores": physical_cores(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            # whether one-row BF16 products ran on geb's compiled kernels, or why not
+            "native_kernels": "yes" if native.kernels() is not None else f"no ({native.why()})"}
 
 
 # -- quality and the quickstart's report ----------------------------------------------------------
