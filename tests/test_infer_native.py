@@ -73,3 +73,22 @@ def test_broken_compiler_means_torch_kernels_not_a_crash(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_state", {})
     assert native.kernels() is None and "compiling kernels.c failed" in native.why()
     assert not list((tmp_path / "cache" / "native").glob("*.so"))  # nothing half-written is left
+
+
+@needs_native
+def test_a_forked_child_gets_its_own_worker_threads():
+    import multiprocessing as mp
+
+    w = torch.randn(256, 64).to(torch.bfloat16)
+    x = torch.randn(1, 64)
+    kern.set_threads(2)
+    want = kern.bf16_matmul(w, x)  # the parent's pool now exists
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:  # would hang on the parent's (absent) worker threads
+        got = pool.apply_async(_child_matmul, (w, x)).get(timeout=60)
+    torch.testing.assert_close(got, want)
+    kern.set_threads(torch.get_num_threads())
+
+
+def _child_matmul(w, x):
+    return native.kernels().bf16_matmul(w, x)

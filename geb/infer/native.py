@@ -42,6 +42,7 @@ class Kernels:
         self.threads = max(1, torch.get_num_threads())
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
+        self._pool_pid = 0
 
     def set_threads(self, n: int) -> None:
         self.threads = max(1, int(n))
@@ -50,10 +51,13 @@ class Kernels:
         want = self.threads - 1
         if want <= 0:
             return None
+        if self._pool is not None and self._pool_pid != os.getpid():
+            self._pool = None  # a forked child: the parent's worker threads do not exist here
         if self._pool is None or self._pool_size != want:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
             self._pool, self._pool_size = ThreadPoolExecutor(want, thread_name_prefix="geb-native"), want
+            self._pool_pid = os.getpid()
         return self._pool
 
     def bf16_matmul(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
