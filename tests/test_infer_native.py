@@ -92,3 +92,34 @@ def test_a_forked_child_gets_its_own_worker_threads():
 
 def _child_matmul(w, x):
     return native.kernels().bf16_matmul(w, x)
+
+
+@needs_native
+@pytest.mark.parametrize("n,k", [(128, 128), (192, 100), (64, 384)])
+def test_int4_vnni_layer_stores_what_torchs_does_and_errs_only_by_activation_rounding(n, k, monkeypatch):
+    import geb.infer.quant as quant
+    from geb.infer.quant import Int4Linear, Int4VnniLinear, make_linear
+
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    layer = make_linear(w, "int4", 32)
+    assert isinstance(layer, Int4VnniLinear)
+    plain = Int4Linear.from_float(w, 32)
+    a, b = layer.state("p."), plain.state("p.")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)  # same folder contents
+    deq = layer.dequantize()
+    assert torch.equal(deq, plain.dequantize())
+    x = torch.randn(3, k, generator=g)
+    got = layer(x)
+    for i in range(3):  # one row: the activation is rounded to int8 per group of 32, nothing else
+        xi = torch.nn.functional.pad(x[i], (0, layer.padded_in - k)).view(-1, 32)
+        step = xi.abs().amax(-1) / 127
+        wg = torch.nn.functional.pad(deq, (0, layer.padded_in - k)).view(n, -1, 32)
+        bound = (0.5 * step[None, :] * wg.abs().sum(-1)).sum(-1) * 1.01 + 1e-5
+        assert ((got[i] - x[i] @ deq.T).abs() <= bound).all()
+        torch.testing.assert_close(layer(x[i : i + 1])[0], got[i])  # rows do not interact
+    xs = torch.randn(130, k, generator=g)  # from 128 rows: BF16 GEMM on the widened weight
+    ref = xs.bfloat16().float() @ deq.bfloat16().float().T
+    torch.testing.assert_close(layer(xs), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    monkeypatch.setattr(quant, "INT4_NATIVE", False)
+    assert isinstance(make_linear(w, "int4", 32), Int4Linear)

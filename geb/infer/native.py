@@ -3,7 +3,8 @@
 `kernels.c` is compiled on first use with the system C compiler (`cc -O3 -march=native`, about a
 second) into a cache folder (`$GEB_CACHE_DIR`, default `~/.cache/geb/native`), keyed by the source,
 the compiler and the CPU's flags, written to a temporary name and renamed. It is called through
-ctypes, which releases the GIL, so a row range per thread runs in parallel: the calling thread takes
+ctypes, which releases the GIL, so a row range per thread runs in parallel (kernels.c says what
+the kernels compute): the calling thread takes
 one range and a small pool the others. Where there is no compiler, the CPU lacks AVX512-BF16, or
 `GEB_NATIVE=0`, `kernels()` returns None and torch's kernels serve instead (same results up to FP32
 summation order). Measured on the development machine (2 threads, one 11264x2048 matrix): one row
@@ -39,6 +40,12 @@ class Kernels:
         self._mm = lib.bf16_matmul_rows
         self._mm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5
         self._mm.restype = ctypes.c_int
+        self._i4 = lib.int4_matvec
+        self._i4.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3
+        self._i4.restype = None
+        self._i4x = lib.int4_quantize_x
+        self._i4x.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64]
+        self._i4x.restype = None
         self.threads = max(1, torch.get_num_threads())
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
@@ -59,6 +66,33 @@ class Kernels:
             self._pool, self._pool_size = ThreadPoolExecutor(want, thread_name_prefix="geb-native"), want
             self._pool_pid = os.getpid()
         return self._pool
+
+    def int4_matvec(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """One FP32 row x [1, K] times an int4 weight in the layout of `int4_vnni_layout` (q [N, K/2]
+        uint8, scales s and zeros z [N, K/32] BF16; K a multiple of 128) → FP32 [1, N]. The activation
+        is quantized to int8 per group of 32 inputs (symmetric, absmax / 127), as llama.cpp does for Q8_0."""
+        n, k = q.shape[0], q.shape[1] * 2
+        if k % 128 or x.shape != (1, k) or s.shape != (n, k // 32) or z.shape != s.shape:
+            raise ValueError(f"int4_matvec: weight {tuple(q.shape)}, scales {tuple(s.shape)}, input {tuple(x.shape)}")
+        xf = x.reshape(k).float().contiguous()
+        xr, dx, sx = torch.empty(k, dtype=torch.int8), torch.empty(k // 32), torch.empty(k // 32)
+        self._i4x(xf.data_ptr(), xr.data_ptr(), dx.data_ptr(), sx.data_ptr(), k)
+        y = torch.empty(1, n)
+        ptrs = (q.data_ptr(), s.data_ptr(), z.data_ptr(), xr.data_ptr(), dx.data_ptr(), sx.data_ptr(), y.data_ptr())
+        self._split(self._i4, n, lambda r0, r1: (*ptrs, k, r0, r1))
+        return y
+
+    def _split(self, fn, units: int, args_of) -> None:
+        """Run fn over [0, units) in one contiguous range per thread (the calling thread takes the first)."""
+        parts = min(self.threads, max(1, units // 256))  # a hand-off costs more than a few rows
+        pool = self._workers() if parts > 1 else None
+        if pool is None:
+            parts = 1
+        bounds = [units * i // parts for i in range(parts)] + [units]
+        futures = [pool.submit(fn, *args_of(bounds[i], bounds[i + 1])) for i in range(1, parts)]
+        fn(*args_of(bounds[0], bounds[1]))
+        for f in futures:
+            f.result()
 
     def bf16_matmul(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """w BF16 [N, K] contiguous, x [M, K] with M <= MAX_ROWS (any float dtype; rounded to BF16 as
@@ -81,6 +115,14 @@ class Kernels:
         for f in futures:
             f.result()
         return y
+
+
+def int4_vnni_layout(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (0..15, K % 64 == 0) → the int4_matvec layout [N, K/2]: per 64 inputs of a row,
+    32 bytes, byte i holding input i in its low nibble and input 32 + i in its high one."""
+    n, k = codes.shape
+    c = codes.view(n, k // 64, 2, 32)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
 def kernels() -> Kernels | None:
@@ -149,4 +191,4 @@ def _cpu_flags() -> str:
     return ""
 
 
-__all__ = ["Kernels", "MAX_ROWS", "kernels", "why", "set_threads"]
+__all__ = ["Kernels", "MAX_ROWS", "kernels", "why", "set_threads", "int4_vnni_layout"]

@@ -37,6 +37,8 @@ DEQUANT_BLOCK = 2048  # output rows widened at a time: bounds the temporary BF16
 INT8_DYNAMIC_DECODE = True
 # Up to this many rows BF16 products use geb's native kernel when it is available (geb.infer.native).
 NATIVE_BF16_MAX_ROWS = 2
+# int4 layers use geb's native VNNI kernel when it is available (Int4VnniLinear); False: torch's always.
+INT4_NATIVE = True
 
 
 def check_format(fmt: str) -> str:
@@ -316,6 +318,78 @@ class Int4Linear(Linear):
         return self.packed.numel() * self.packed.element_size() + self.sz.numel() * 2
 
 
+class Int4VnniLinear(Linear):
+    """int4 held for geb's native kernel (geb.infer.native): the same stored format as Int4Linear
+    (`state` writes the same nibbles and scales), laid out for AVX512-VNNI. One row (decode) quantizes
+    the activation to int8 per group of 32 inputs and multiplies bytes, 64 per instruction, as
+    llama.cpp's Q4_0 x Q8_0 does: 0.49 against 0.70 ms for torch's int4 kernel on one 11264x2048
+    matrix (2 threads). A few rows run one by one; from INT4_DEQUANT_MIN_ROWS rows the weight is
+    widened to BF16 block by block for a GEMM. Group size 32, padded input size a multiple of 128."""
+
+    fmt = "int4"
+
+    def __init__(self, nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int, kernels):
+        from geb.infer.native import int4_vnni_layout
+
+        n, half = nibbles.shape
+        kp = half * 2
+        if (nibbles.dtype != torch.uint8 or group_size != 32 or kp % 128
+                or scale_zero.shape != (kp // group_size, n, 2)):
+            raise GebError(f"int4 (VNNI) layer: nibbles {nibbles.dtype} {tuple(nibbles.shape)} and scales "
+                           f"{tuple(scale_zero.shape)} with group size {group_size}")
+        self.q = int4_vnni_layout(torch.stack([nibbles & 15, nibbles >> 4], -1).view(n, kp))
+        sz = scale_zero.to(torch.bfloat16)
+        self.s, self.z = sz[..., 0].T.contiguous(), sz[..., 1].T.contiguous()  # [N, K/32]
+        self.group_size, self.out_features, self.in_features, self.padded_in = group_size, n, in_features, kp
+        self.native = kernels
+
+    def _codes(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
+        q = self.q[n0:n1].view(-1, self.padded_in // 64, 32)
+        return torch.stack([q & 15, q >> 4], 2).view(q.shape[0], self.padded_in)
+
+    def _dequant(self, n0: int, n1: int, dtype) -> torch.Tensor:
+        s, z = self.s[n0:n1].to(dtype), self.z[n0:n1].to(dtype)
+        q = self._codes(n0, n1).view(n1 - n0, -1, self.group_size).to(dtype)
+        return torch.addcmul((z - 8.0 * s)[..., None], q, s[..., None]).view(n1 - n0, self.padded_in)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return self._dequant(0, self.out_features, dtype)[:, : self.in_features]
+
+    def __call__(self, x):
+        if self.padded_in != self.in_features:
+            x = F.pad(x, (0, self.padded_in - self.in_features))
+        if x.shape[0] >= INT4_DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
+            xb = x.to(torch.bfloat16)
+            out = torch.empty(x.shape[0], self.out_features)
+            for n0 in range(0, self.out_features, DEQUANT_BLOCK):
+                n1 = min(n0 + DEQUANT_BLOCK, self.out_features)
+                out[:, n0:n1] = F.linear(xb, self._dequant(n0, n1, torch.bfloat16))
+            return out
+        x = x.float().contiguous()
+        return torch.cat([self.native.int4_matvec(self.q, self.s, self.z, x[i : i + 1]) for i in range(x.shape[0])])
+
+    def state(self, prefix):
+        codes = self._codes()
+        nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+        return {prefix + "qweight": nibbles, prefix + "scales_zeros": torch.stack([self.s.T, self.z.T], -1).contiguous()}
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + (self.s.numel() + self.z.numel()) * 2
+
+
+def int4_linear(nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int,
+                keep_nibbles: bool = True) -> Linear:
+    """An int4 layer on geb's native VNNI kernel where it is available and the shape fits (group 32,
+    padded input a multiple of 128), else on torch's int4 kernel."""
+    from geb.infer import native
+
+    kern = native.kernels() if INT4_NATIVE else None
+    if kern is not None and group_size == 32 and (nibbles.shape[1] * 2) % 128 == 0:
+        return Int4VnniLinear(nibbles, scale_zero, group_size, in_features, kern)
+    return Int4Linear(nibbles, scale_zero, group_size=group_size, in_features=in_features, keep_nibbles=keep_nibbles)
+
+
 def make_linear(w: torch.Tensor, fmt: str, group_size: int = 32) -> Linear:
     """Build a layer of format `fmt` from a full-precision weight [N, K]."""
     if fmt == "fp32":
@@ -325,7 +399,10 @@ def make_linear(w: torch.Tensor, fmt: str, group_size: int = 32) -> Linear:
     if fmt == "int8":
         return Int8Linear.from_float(w)
     if fmt == "int4":
-        return Int4Linear.from_float(w, group_size)
+        n, k = w.shape
+        kp = -(-k // group_size) * group_size
+        padded = F.pad(w.float(), (0, kp - k)) if kp != k else w  # zero columns add nothing
+        return int4_linear(*quantize_int4(padded, group_size), group_size=group_size, in_features=k)
     raise GebError(f"unknown format '{fmt}'")
 
 
@@ -341,9 +418,9 @@ def linear_from_state(get, prefix: str, fmt: str, shape: tuple[int, int], group_
         return Int8Linear(get(prefix + "qweight", torch.int8, (n, k)), get(prefix + "scales", torch.bfloat16, (n,)))
     if fmt == "int4":
         kp = -(-k // group_size) * group_size
-        return Int4Linear(get(prefix + "qweight", torch.uint8, (n, kp // 2)),
-                          get(prefix + "scales_zeros", torch.bfloat16, (kp // group_size, n, 2)),
-                          group_size=group_size, in_features=k, keep_nibbles=keep_nibbles)
+        return int4_linear(get(prefix + "qweight", torch.uint8, (n, kp // 2)),
+                           get(prefix + "scales_zeros", torch.bfloat16, (kp // group_size, n, 2)),
+                           group_size=group_size, in_features=k, keep_nibbles=keep_nibbles)
     raise GebError(f"unknown format '{fmt}'")
 
 
