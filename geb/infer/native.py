@@ -1,14 +1,15 @@
-"""Optional native kernels for one-row (decode) products that torch's CPU build lacks.
+"""Optional native kernels for decode-time products that torch's CPU build does poorly.
 
-`kernels.c` is compiled on first use with the system C compiler (`cc -O3 -march=native`, about a
-second) into a cache folder (`$GEB_CACHE_DIR`, default `~/.cache/geb/native`), keyed by the source,
-the compiler and the CPU's flags, written to a temporary name and renamed. It is called through
-ctypes, which releases the GIL, so a row range per thread runs in parallel (kernels.c says what
-the kernels compute): the calling thread takes
-one range and a small pool the others. Where there is no compiler, the CPU lacks AVX512-BF16, or
-`GEB_NATIVE=0`, `kernels()` returns None and torch's kernels serve instead (same results up to FP32
-summation order). Measured on the development machine (2 threads, one 11264x2048 matrix): one row
-1.10 ms against 1.98 for torch's packed oneDNN kernel, two rows 1.24 against 2.02 (docs/inference.md).
+`kernels.c` (one-to-eight-row BF16 products with AVX512-BF16; one-row int4 products with int8
+activations and AVX512-VNNI) is compiled on first use with the system C compiler
+(`cc -O3 -march=native`, about a second) into a cache folder (`$GEB_CACHE_DIR`, default
+`~/.cache/geb/native`), keyed by the source, the compiler and the CPU's flags, written to a temporary
+name and renamed. It is called through ctypes, which releases the GIL, so a row range per thread
+runs in parallel: the calling thread takes one range and a small pool the others. Where there is no
+compiler, the CPU lacks AVX512-BF16 or AVX512-VNNI, or `GEB_NATIVE=0`, `kernels()` returns None and
+torch's kernels serve instead. Measured on the development machine (2 threads): BF16 one row of a
+11264x2048 matrix 1.10 ms against 1.98 for torch's packed oneDNN kernel; int4 0.43 against 0.69 ms
+(docs/inference.md).
 """
 
 from __future__ import annotations
