@@ -102,6 +102,8 @@ def test_int4_vnni_layer_stores_what_torchs_does_and_errs_only_by_activation_rou
 
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g) * 0.05
+    assert isinstance(make_linear(w, "int4", 32), Int4Linear)  # too small to pay for the native call
+    monkeypatch.setattr(quant, "INT4_NATIVE_MIN_WEIGHTS", 0)
     layer = make_linear(w, "int4", 32)
     assert isinstance(layer, Int4VnniLinear)
     plain = Int4Linear.from_float(w, 32)

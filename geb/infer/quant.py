@@ -39,6 +39,10 @@ INT8_DYNAMIC_DECODE = True
 NATIVE_BF16_MAX_ROWS = 2
 # int4 layers use geb's native VNNI kernel when it is available (Int4VnniLinear); False: torch's always.
 INT4_NATIVE = True
+# Smaller int4 matrices stay on torch's kernel: below about a million weights the native call's fixed cost
+# (activation quantization, ctypes, thread hand-off) outweighs its faster products (geb-tiny decoded
+# 241 tok/s with it against 332 without).
+INT4_NATIVE_MIN_WEIGHTS = 1 << 20
 
 
 def check_format(fmt: str) -> str:
@@ -381,11 +385,12 @@ class Int4VnniLinear(Linear):
 def int4_linear(nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int,
                 keep_nibbles: bool = True) -> Linear:
     """An int4 layer on geb's native VNNI kernel where it is available and the shape fits (group 32,
-    padded input a multiple of 128), else on torch's int4 kernel."""
+    padded input a multiple of 128, at least INT4_NATIVE_MIN_WEIGHTS weights), else on torch's kernel."""
     from geb.infer import native
 
     kern = native.kernels() if INT4_NATIVE else None
-    if kern is not None and group_size == 32 and (nibbles.shape[1] * 2) % 128 == 0:
+    big = nibbles.shape[0] * nibbles.shape[1] * 2 >= INT4_NATIVE_MIN_WEIGHTS
+    if kern is not None and big and group_size == 32 and (nibbles.shape[1] * 2) % 128 == 0:
         return Int4VnniLinear(nibbles, scale_zero, group_size, in_features, kern)
     return Int4Linear(nibbles, scale_zero, group_size=group_size, in_features=in_features, keep_nibbles=keep_nibbles)
 
