@@ -331,6 +331,7 @@ class Int4VnniLinear(Linear):
     widened to BF16 block by block for a GEMM. Group size 32, padded input size a multiple of 128."""
 
     fmt = "int4"
+    copies_scales = True  # s and z are its own copies: a loader may drop the file's scales
 
     def __init__(self, nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int, kernels):
         from geb.infer.native import int4_vnni_layout
@@ -341,7 +342,10 @@ class Int4VnniLinear(Linear):
                 or scale_zero.shape != (kp // group_size, n, 2)):
             raise GebError(f"int4 (VNNI) layer: nibbles {nibbles.dtype} {tuple(nibbles.shape)} and scales "
                            f"{tuple(scale_zero.shape)} with group size {group_size}")
-        self.q = int4_vnni_layout(torch.stack([nibbles & 15, nibbles >> 4], -1).view(n, kp))
+        self.q = torch.empty(n, half, dtype=torch.uint8)
+        for r0 in range(0, n, 1024):  # in slices: whole-matrix temporaries would raise the loading peak
+            nib = nibbles[r0 : r0 + 1024]
+            self.q[r0 : r0 + 1024] = int4_vnni_layout(torch.stack([nib & 15, nib >> 4], -1).view(nib.shape[0], kp))
         sz = scale_zero.to(torch.bfloat16)
         self.s, self.z = sz[..., 0].T.contiguous(), sz[..., 1].T.contiguous()  # [N, K/32]
         self.group_size, self.out_features, self.in_features, self.padded_in = group_size, n, in_features, kp

@@ -180,6 +180,8 @@ def runtime_from_quantized(folder: Path, cfg: ModelConfig, q: dict) -> Runtime:
         out = linear_from_state(get, prefix, f, shape, gs, keep_nibbles=False)
         if f == "int4":  # repacked (int4 nibbles, BF16 weights): the file's pages are no longer needed
             st.release(prefix + "qweight")
+            if getattr(out, "copies_scales", False):  # the native layout holds its own scales too
+                st.release(prefix + "scales_zeros")
         elif f == "bf16" and getattr(out, "packed", None) is not None:
             st.release(prefix + "weight")
         return out
