@@ -174,8 +174,8 @@ class Int8Linear(Linear):
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
         """One row (single-sequence decode): quantize the activation row to int8 too (symmetric, one
         scale per row, as llama.cpp quantizes activations for Q8_0, there per block of 32) and run
-        torch's int8 x int8 -> int32 GEMM on the weight as stored: 1.4-2x the speed of the weight-only
-        kernel at one row (40-51 vs 20-33 GB/s of weights on 2 cores), and slower from two rows on."""
+        torch's int8 x int8 -> int32 GEMM on the weight as stored: faster than the weight-only kernel at
+        one row (bench/decode_kernels.py), slower from two rows on."""
         s = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
         xq = torch.round(x / s).to(torch.int8)
         return torch._int_mm(xq, self.q.t()).float().mul_(s).mul_(self._scale_f32)
@@ -326,8 +326,8 @@ class Int4VnniLinear(Linear):
     """int4 held for geb's native kernel (geb.infer.native): the same stored format as Int4Linear
     (`state` writes the same nibbles and scales), laid out for AVX512-VNNI. One row (decode) quantizes
     the activation to int8 per group of 32 inputs and multiplies bytes, 64 per instruction, as
-    llama.cpp's Q4_0 x Q8_0 does: 0.49 against 0.70 ms for torch's int4 kernel on one 11264x2048
-    matrix (2 threads). A few rows run one by one; from INT4_DEQUANT_MIN_ROWS rows the weight is
+    llama.cpp's Q4_0 x Q8_0 does: 0.50 against 0.80 ms for torch's int4 kernel on the 11264x2048
+    matrix (2 threads, bench/decode_kernels.py). A few rows run one by one; from INT4_DEQUANT_MIN_ROWS rows the weight is
     widened to BF16 block by block for a GEMM. Group size 32, padded input size a multiple of 128."""
 
     fmt = "int4"
