@@ -25,10 +25,11 @@ SAMPLE_TEXT = [
 ] * 20
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny tensors: a second OpenMP worker only spins (10-30x slower on a busy 2-core machine,
-    measured). Restores the previous setting after the test."""
+    measured). For a whole module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`), its
+    module-scoped fixtures included; restores the previous setting afterwards."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -3,6 +3,7 @@ subprocess on a free loopback port (stopped with SIGINT, its log shown when it f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -99,3 +100,14 @@ class Server:
                 self.proc.wait()
         self._log_file.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path, log: Path, *args: str, api_key: str | None = None):
+    """A ready Server for the `with` block, stopped after it whatever happens."""
+    s = Server(model_dir, log, *args, api_key=api_key)
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()

@@ -26,12 +26,7 @@ from conftest import ROOT, SAMPLE_TEXT
 LOSS_RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_rank_micros_split_the_global_batch():

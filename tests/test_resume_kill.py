@@ -27,12 +27,7 @@ SETTINGS = dict(steps=30, batch_size=BATCH, lr=1e-2, min_lr=1e-3, warmup_steps=2
                 lr_cut_factor=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write(folder, train_ids, val_ids, tokenizer, tok_dir):

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_helpers import Server, make_model
+from serve_helpers import make_model, running_server
 
 KEY = "sk-geb-test"
 CHAT = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "What is the capital of France?"}]
@@ -29,13 +29,9 @@ def model_dir(tmp_path_factory, tokenizer, tiny_cfg):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    s = Server(model_dir, tmp_path_factory.mktemp("serve-log") / "server.log", "--max-concurrency", "2",
-               "--max-waiting", "0", "--max-tokens", "800", "--max-prompt-tokens", "200", api_key=KEY)
-    try:
-        s.wait_ready()
+    with running_server(model_dir, tmp_path_factory.mktemp("serve-log") / "server.log", "--max-concurrency", "2",
+                        "--max-waiting", "0", "--max-tokens", "800", "--max-prompt-tokens", "200", api_key=KEY) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_helpers import Server
+from serve_helpers import running_server
 
 QUESTIONS = ["What is the capital of France?", "北京是哪个国家的首都？", "Why does water boil?",
              "熊猫生活在哪里？", "Write a line of code.", "春眠不觉晓的下一句是什么？", "How many dogs lived on Maple Street?",
@@ -28,12 +28,9 @@ QUESTIONS = ["What is the capital of France?", "北京是哪个国家的首都�
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    s = Server(tiny_model_dir, tmp_path_factory.mktemp("serve-load") / "server.log", "--max-concurrency", "16")
-    try:
-        s.wait_ready()
+    log = tmp_path_factory.mktemp("serve-load") / "server.log"
+    with running_server(tiny_model_dir, log, "--max-concurrency", "16") as s:
         yield s
-    finally:
-        s.stop()
 
 
 def ask(client, i: int, max_tokens: int | None = None, hang_up_after: int | None = None):

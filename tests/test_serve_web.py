@@ -17,7 +17,7 @@ pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_helpers import Server
+from serve_helpers import running_server
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -28,13 +28,9 @@ pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"{CHRO
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    s = Server(tiny_model_dir, tmp_path_factory.mktemp("serve-web") / "server.log", "--max-concurrency", "2",
-               api_key=KEY)
-    try:
-        s.wait_ready()
+    with running_server(tiny_model_dir, tmp_path_factory.mktemp("serve-web") / "server.log", "--max-concurrency", "2",
+                        api_key=KEY) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from geb.train.stability import LARGE_RUN_PARAMS, SkipWindows, SpikeDetector, re
 from conftest import SAMPLE_TEXT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only adds synchronisation (and on a busy machine, waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_detector_ignores_a_falling_noisy_loss_and_flags_jumps_and_non_finite():

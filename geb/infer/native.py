@@ -96,7 +96,7 @@ class Kernels:
     def bf16_matmul(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """w BF16 [N, K] contiguous, x [M, K] with M <= MAX_ROWS (any float dtype; rounded to BF16 as
         torch's BF16 path does) → FP32 [M, N]. Each weight row is read once for all M rows of x; the
-        output rows are split into ranges of 16 between `threads` threads."""
+        output rows are split between `threads` threads."""
         n, k = w.shape
         m = x.shape[0]
         if not 1 <= m <= MAX_ROWS or x.shape[1] != k or w.dtype != torch.bfloat16 or not w.is_contiguous():
@@ -104,15 +104,7 @@ class Kernels:
         xb = x.to(torch.bfloat16).contiguous()
         y = torch.empty(m, n)
         wp, xp, yp = w.data_ptr(), xb.data_ptr(), y.data_ptr()
-        parts = min(self.threads, max(1, n // 64))
-        pool = self._workers() if parts > 1 else None
-        if pool is None:
-            parts = 1
-        bounds = [(n * i // parts) // 16 * 16 for i in range(parts)] + [n]
-        futures = [pool.submit(self._mm, wp, xp, yp, k, bounds[i], bounds[i + 1], m, n) for i in range(1, parts)]
-        self._mm(wp, xp, yp, k, bounds[0], bounds[1], m, n)  # the calling thread takes the first range
-        for f in futures:
-            f.result()
+        self._split(self._mm, n, lambda r0, r1: (wp, xp, yp, k, r0, r1, m, n))
         return y
 
 
