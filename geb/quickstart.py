@@ -413,7 +413,7 @@ STAGES: list[tuple[str, Callable[[Context], None]]] = [
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     import torch
 
-    from geb.commands.common import physical_cores
+    from geb.cpu import physical_cores
 
     torch.set_num_threads(cfg.threads or physical_cores())
     ctx = Context(cfg)

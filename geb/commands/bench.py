@@ -29,7 +29,7 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    from geb.commands.common import physical_cores
+    from geb.cpu import physical_cores
     from geb.config import get_preset
     from geb.errors import GebError
     from geb.infer.bench import machine_info, read_bandwidth, run_bench

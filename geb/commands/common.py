@@ -2,25 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
-
-def physical_cores() -> int:
-    """Physical cores (hyper-threads share a core's bandwidth and FPUs, so they rarely help)."""
-    try:
-        cores = set()
-        phys = None
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    cores.add((phys, line.split(":")[1].strip()))
-        if cores:
-            return min(len(cores), len(os.sched_getaffinity(0)))
-    except OSError:
-        pass
-    return os.cpu_count() or 1
+from geb.cpu import physical_cores  # noqa: F401  (re-exported for the subcommands)
 
 
 def add_threads(p) -> None:

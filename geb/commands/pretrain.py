@@ -91,7 +91,7 @@ def _threads(args) -> None:
     """Physical cores shared among the processes torchrun started on this machine."""
     import torch
 
-    from geb.commands.common import physical_cores
+    from geb.cpu import physical_cores
     from geb.train.dist import local_world_size
 
     torch.set_num_threads(args.threads or max(1, physical_cores() // local_world_size()))

@@ -282,7 +282,7 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    from geb.commands.common import physical_cores  # a plain helper module, not a command
+    from geb.cpu import physical_cores
 
     from geb.infer import native
 
@@ -316,7 +316,7 @@ def quick_report(model_dir, formats=("fp32", "bf16", "int8", "int4"), prompt_len
     Returns {"formats": {fmt: {prefill_tok_s, decode_tok_s, decode_at_depth_tok_s, ttft_s, weight_bytes,
     perplexity?, ppl_vs_fp32?}}, "threads": n}. A few seconds for a 6M-parameter model.
     """
-    from geb.commands.common import physical_cores
+    from geb.cpu import physical_cores
     from geb.infer.weights import load_runtime
 
     threads = threads or physical_cores()
