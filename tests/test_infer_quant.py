@@ -1,4 +1,7 @@
-"""Quantized layers and folders: round trips, exactness of what is stored, clear errors on bad folders."""
+"""Quantized layers and folders: round trips, exactness of what is stored, clear errors on bad folders.
+
+The layer tests here are of the torch backend's layers (`native=False`); tests/test_infer_native.py
+covers the native core's."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 
 from geb.errors import GebError
 from geb.infer.engine import Engine
-from geb.infer.quant import Int4Linear, Int8Linear, quantize_int4
+from geb.infer.quant import Int4Linear, Int8Linear, make_linear, quantize_int4
 from geb.infer.sampling import SamplingParams
 from geb.infer.weights import load_runtime, quantize_folder
 
@@ -19,7 +22,7 @@ def test_int8_and_int4_layers_match_their_dequantized_weights():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(128, 96, generator=g) * 0.05
     x = torch.randn(3, 96, generator=g)
-    for layer in (Int8Linear.from_float(w), Int4Linear.from_float(w, 32)):
+    for layer in (Int8Linear.from_float(w), make_linear(w, "int4", 32)):
         deq = layer.dequantize()
         # the kernel computes with BF16 activations: compare against the same rounding
         ref = x.bfloat16().float() @ deq.T
@@ -37,11 +40,9 @@ def test_int8_and_int4_layers_match_their_dequantized_weights():
     torch.testing.assert_close(layer(xs), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-def test_int8_single_row_also_quantizes_the_activation(monkeypatch):
+def test_int8_single_row_also_quantizes_the_activation():
     """One row (single-sequence decode) runs int8 x int8: its error against the dequantized weight is
     the activation's rounding (at most half a step per element) and nothing more."""
-    import geb.infer.quant as quant
-
     g = torch.Generator().manual_seed(1)
     w = torch.randn(200, 96, generator=g) * 0.05
     x = torch.randn(1, 96, generator=g) * 3
@@ -54,13 +55,14 @@ def test_int8_single_row_also_quantizes_the_activation(monkeypatch):
     assert ((dyn - ref).abs()[0] <= bound).all()
     xq = torch.round(x / step) * step  # exactly what the int8 GEMM multiplies
     torch.testing.assert_close(dyn, xq @ deq.T, rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(quant, "INT8_DYNAMIC_DECODE", False)  # weight-only: BF16 activation instead
-    torch.testing.assert_close(layer(x), x.bfloat16().float() @ deq.T, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    # two rows run weight-only, with BF16 activations instead
+    x2 = torch.cat([x, x])
+    torch.testing.assert_close(layer(x2), x2.bfloat16().float() @ deq.T, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
 def test_int4_pads_inputs_that_are_not_whole_groups():
     w = torch.randn(64, 176, generator=torch.Generator().manual_seed(1))
-    layer = Int4Linear.from_float(w, 32)  # 176 = 5.5 groups of 32
+    layer = make_linear(w, "int4", 32)  # 176 = 5.5 groups of 32
     assert layer.padded_in == 192 and layer.in_features == 176
     x = torch.randn(2, 176)
     ref = x.bfloat16().float() @ layer.dequantize().T
@@ -157,19 +159,20 @@ def test_perplexity_per_format_close_to_fp32(tiny_model_dir):
 
 
 def test_int4_from_packed_layout_only():
-    """A loaded int4 layer drops its nibbles and reads codes back from torch's packed layout."""
-    from geb.infer.quant import DEQUANT_BLOCK
+    """A loaded int4 layer drops its nibbles and reads codes back from torch's packed layout where that
+    layout is the one geb reads (torch's AVX-512 kernels); elsewhere it keeps them. Same numbers either way."""
+    from geb.infer.quant import DEQUANT_BLOCK, _torch_int4_layout_known
 
     n = DEQUANT_BLOCK + 64  # prefill widens in blocks of rows: cover a partial last block
     w = torch.randn(n, 128, generator=torch.Generator().manual_seed(2)) * 0.05
-    full = Int4Linear.from_float(w, 32)
+    full = make_linear(w, "int4", 32)
     packed_only = Int4Linear(full.nibbles, full.sz, 32, 128, keep_nibbles=False)
-    assert packed_only._nibbles is None
+    assert (packed_only._nibbles is None) == _torch_int4_layout_known()
     assert torch.equal(packed_only.nibbles, full.nibbles)
     assert torch.equal(packed_only.dequantize(), full.dequantize())
-    from geb.infer.quant import INT4_DEQUANT_MIN_ROWS
+    from geb.infer.quant import INT4_TORCH_WIDEN_MIN_ROWS
 
-    x = torch.randn(INT4_DEQUANT_MIN_ROWS, 128, generator=torch.Generator().manual_seed(3))  # prefill path
+    x = torch.randn(INT4_TORCH_WIDEN_MIN_ROWS, 128, generator=torch.Generator().manual_seed(3))  # prefill path
     ref = x.bfloat16().float() @ full.dequantize().T
     scale = ref.abs().max().item()
     torch.testing.assert_close(packed_only(x), ref, rtol=2e-2, atol=2e-2 * scale)

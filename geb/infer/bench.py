@@ -282,14 +282,13 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    from geb.cpu import physical_cores
-
+    from geb.cpu import describe as cpu_describe, physical_cores
     from geb.infer import native
 
     return {"cpu": model or platform.processor(), "physical_cores": physical_cores(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            # whether one-row BF16 products ran on geb's compiled kernels, or why not
-            "native_kernels": "yes" if native.kernels() is not None else f"no ({native.why()})"}
+            # which decode path ran: geb's native core (and its kernel variant) or torch, and why
+            "decode_path": native.describe(), "cpu_isa": cpu_describe()["isa_flags"]}
 
 
 # -- quality and the quickstart's report ----------------------------------------------------------

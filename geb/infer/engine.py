@@ -33,11 +33,11 @@ class Engine:
 
     def __init__(self, model=None, tokenizer=None, cache_dtype: torch.dtype | None = None, *,
                  runtime: Runtime | None = None, format: str = "fp32", group_size: int = 32,
-                 threads: int | None = None):
+                 threads: int | None = None, backend: str = "auto"):
         if runtime is None:
             if model is None:
                 raise GebError("Engine needs a model or a runtime")
-            runtime = runtime_from_model(model.eval(), format, group_size)
+            runtime = runtime_from_model(model.eval(), format, group_size, backend)
         self.model = model  # None when loaded from a folder (quantized folders have no GEB model)
         self.rt = runtime
         self.tok = tokenizer
@@ -48,13 +48,14 @@ class Engine:
 
     @classmethod
     def from_folder(cls, folder, device: str = "cpu", format: str | None = None, group_size: int = 32,
-                    threads: int | None = None) -> "Engine":
-        """Load a full-precision folder (converted to `format`, default fp32) or a quantized folder."""
+                    threads: int | None = None, backend: str = "auto") -> "Engine":
+        """Load a full-precision folder (converted to `format`, default fp32) or a quantized folder.
+        `backend`: 'auto' (geb's native decode core where it was built), 'native' or 'torch'."""
         from geb.infer.weights import load_runtime
 
         if str(device) != "cpu":
             raise GebError(f"the inference engine runs on CPU (asked for device '{device}')")
-        rt, tok, meta = load_runtime(folder, format, group_size)
+        rt, tok, meta = load_runtime(folder, format, group_size, backend)
         eng = cls(None, tok, runtime=rt, threads=threads)
         eng.meta = meta
         return eng

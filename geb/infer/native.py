@@ -1,185 +1,289 @@
-"""Optional native kernels for decode-time products that torch's CPU build does poorly.
+"""geb's native CPU decode core, bound through ctypes.
 
-`kernels.c` (one-to-eight-row BF16 products with AVX512-BF16; one-row int4 products with int8
-activations and AVX512-VNNI) is compiled on first use with the system C compiler
-(`cc -O3 -march=native`, about a second) into a cache folder (`$GEB_CACHE_DIR`, default
-`~/.cache/geb/native`), keyed by the source, the compiler and the CPU's flags, written to a temporary
-name and renamed. It is called through ctypes, which releases the GIL, so a row range per thread
-runs in parallel: the calling thread takes one range and a small pool the others. Where there is no
-compiler, the CPU lacks AVX512-BF16 or AVX512-VNNI, or `GEB_NATIVE=0`, `kernels()` returns None and
-torch's kernels serve instead. `python bench/decode_kernels.py` times them against torch's kernels.
+The core (geb/csrc, built at install time as the extension `geb._native`, see setup.py) runs one
+whole decode step, every layer plus the final norm and the head for B sequences, in one call, on
+its own persistent threads; its kernels are chosen at run time from cpuid (AVX512-BF16, AVX512-VNNI,
+AVX-512, AVX-VNNI, AVX2 or portable C). This module describes a `Runtime`'s weights and a
+`SlotCache` to it (`Decoder`), and exposes single products for tests and prefill (`matmul`,
+`dequantize`).
+
+`GEB_NATIVE=0` turns the core off (geb then runs its PyTorch path); `GEB_ISA=<variant>` forces a
+variant this CPU runs (for tests of every variant, and for comparing them). Where the extension was
+not built (no C compiler at install), `available()` is False and `why()` says so.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import importlib.util
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-_SRC = Path(__file__).with_name("kernels.c")
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+from geb.errors import GebError
+
+F32, BF16, Q8, Q4 = 0, 1, 2, 3
+ABI_VERSION = 1
+MATMUL_MAX_ROWS = 64
+
+
+class GebMat(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("_pad", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("kp", ctypes.c_int64), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("s", ctypes.c_void_p),
+                ("z", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class GebConfig(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ("n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "ffn_hidden",
+                                               "vocab", "rotary_dims", "rope_interleaved")] + \
+               [("norm_eps", ctypes.c_float), ("attn_scale", ctypes.c_float)]
+
+
+class GebLayer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("wqkv", GebMat), ("wo", GebMat),
+                ("wgu", GebMat), ("wdown", GebMat)]
+
+
+class GebEmb(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("_pad", ctypes.c_int32), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p)]
+
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_SIGNATURES = {
+    "geb_abi_version": ([], ctypes.c_int),
+    "geb_isa_name": ([], ctypes.c_char_p),
+    "geb_isa_supported": ([], ctypes.c_char_p),
+    "geb_select_isa": ([ctypes.c_char_p], ctypes.c_int),
+    "geb_set_threads": ([ctypes.c_int], None),
+    "geb_get_threads": ([], ctypes.c_int),
+    "geb_model_new": ([ctypes.POINTER(GebConfig)], _P),
+    "geb_model_free": ([_P], None),
+    "geb_model_set_layer": ([_P, _I64, ctypes.POINTER(GebLayer)], ctypes.c_int),
+    "geb_model_set_io": ([_P, ctypes.POINTER(GebEmb), ctypes.POINTER(GebMat), _P, _P, _P, _I64], ctypes.c_int),
+    "geb_model_set_cache": ([_P, _P, _P, _I64, _I64], ctypes.c_int),
+    "geb_decode": ([_P, _I64, _P, _P, _P], ctypes.c_int),
+    "geb_matmul": ([ctypes.POINTER(GebMat), _P, _I64, _P], ctypes.c_int),
+    "geb_dequant": ([ctypes.POINTER(GebMat), _I64, _I64, _P], ctypes.c_int),
+    "geb_quant_q8": ([_P, _I64, _I64, _P, _P, _P], None),
+}
+
 _lock = threading.Lock()
-_state: dict = {}  # "kernels": Kernels | None once tried, "why": reason when None
+_state: dict = {}  # "lib": CDLL | None once tried, "why": the reason when None
 
 
-MAX_ROWS = 8  # the most activation rows one bf16_matmul call takes (kernels.c has one function per count)
+def _load():
+    if os.environ.get("GEB_NATIVE", "1") == "0":
+        return None, "disabled by GEB_NATIVE=0"
+    spec = importlib.util.find_spec("geb._native")
+    if spec is None or not spec.origin:
+        return None, ("the native extension geb._native is not built (install geb with a C compiler present: "
+                      "pip install -e . builds it)")
+    try:
+        lib = ctypes.CDLL(spec.origin)
+        for name, (args, res) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+    except (OSError, AttributeError) as e:
+        return None, f"cannot load {spec.origin}: {e}"
+    if lib.geb_abi_version() != ABI_VERSION:
+        return None, f"{spec.origin} is from another version of geb (rebuild: pip install -e .)"
+    want = os.environ.get("GEB_ISA", "").strip().lower()
+    if want:
+        rc = lib.geb_select_isa(want.encode())
+        if rc != 0:
+            have = lib.geb_isa_supported().decode()
+            what = "is not a kernel variant" if rc == -1 else "needs instructions this CPU lacks"
+            raise GebError(f"GEB_ISA={want} {what}; this CPU runs: {have}")
+    lib.geb_set_threads(max(1, torch.get_num_threads()))
+    return lib, ""
 
 
-class Kernels:
-    def __init__(self, lib: ctypes.CDLL, path: Path):
-        self.path = path
-        self._mm = lib.bf16_matmul_rows
-        self._mm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5
-        self._mm.restype = ctypes.c_int
-        self._i4 = lib.int4_matvec
-        self._i4.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3
-        self._i4.restype = None
-        self._i4x = lib.int4_quantize_x
-        self._i4x.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64]
-        self._i4x.restype = None
-        self.threads = max(1, torch.get_num_threads())
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
-        self._pool_pid = 0
-
-    def set_threads(self, n: int) -> None:
-        self.threads = max(1, int(n))
-
-    def _workers(self) -> ThreadPoolExecutor | None:
-        want = self.threads - 1
-        if want <= 0:
-            return None
-        if self._pool is not None and self._pool_pid != os.getpid():
-            self._pool = None  # a forked child: the parent's worker threads do not exist here
-        if self._pool is None or self._pool_size != want:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            self._pool, self._pool_size = ThreadPoolExecutor(want, thread_name_prefix="geb-native"), want
-            self._pool_pid = os.getpid()
-        return self._pool
-
-    def int4_matvec(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """One FP32 row x [1, K] times an int4 weight in the layout of `int4_vnni_layout` (q [N, K/2]
-        uint8, scales s and zeros z [N, K/32] BF16; K a multiple of 128) → FP32 [1, N]. The activation
-        is quantized to int8 per group of 32 inputs (symmetric, absmax / 127), as llama.cpp does for Q8_0."""
-        n, k = q.shape[0], q.shape[1] * 2
-        if k % 128 or x.shape != (1, k) or s.shape != (n, k // 32) or z.shape != s.shape:
-            raise ValueError(f"int4_matvec: weight {tuple(q.shape)}, scales {tuple(s.shape)}, input {tuple(x.shape)}")
-        xf = x.reshape(k).float().contiguous()
-        xr, dx, sx = torch.empty(k, dtype=torch.int8), torch.empty(k // 32), torch.empty(k // 32)
-        self._i4x(xf.data_ptr(), xr.data_ptr(), dx.data_ptr(), sx.data_ptr(), k)
-        y = torch.empty(1, n)
-        ptrs = (q.data_ptr(), s.data_ptr(), z.data_ptr(), xr.data_ptr(), dx.data_ptr(), sx.data_ptr(), y.data_ptr())
-        self._split(self._i4, n, lambda r0, r1: (*ptrs, k, r0, r1))
-        return y
-
-    def _split(self, fn, units: int, args_of) -> None:
-        """Run fn over [0, units) in one contiguous range per thread (the calling thread takes the first)."""
-        parts = min(self.threads, max(1, units // 256))  # a hand-off costs more than a few rows
-        pool = self._workers() if parts > 1 else None
-        if pool is None:
-            parts = 1
-        bounds = [units * i // parts for i in range(parts)] + [units]
-        futures = [pool.submit(fn, *args_of(bounds[i], bounds[i + 1])) for i in range(1, parts)]
-        fn(*args_of(bounds[0], bounds[1]))
-        for f in futures:
-            f.result()
-
-    def bf16_matmul(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """w BF16 [N, K] contiguous, x [M, K] with M <= MAX_ROWS (any float dtype; rounded to BF16 as
-        torch's BF16 path does) → FP32 [M, N]. Each weight row is read once for all M rows of x; the
-        output rows are split between `threads` threads."""
-        n, k = w.shape
-        m = x.shape[0]
-        if not 1 <= m <= MAX_ROWS or x.shape[1] != k or w.dtype != torch.bfloat16 or not w.is_contiguous():
-            raise ValueError(f"bf16_matmul: weight {tuple(w.shape)} {w.dtype}, input {tuple(x.shape)}")
-        xb = x.to(torch.bfloat16).contiguous()
-        y = torch.empty(m, n)
-        wp, xp, yp = w.data_ptr(), xb.data_ptr(), y.data_ptr()
-        self._split(self._mm, n, lambda r0, r1: (wp, xp, yp, k, r0, r1, m, n))
-        return y
-
-
-def int4_vnni_layout(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] (0..15, K % 64 == 0) → the int4_matvec layout [N, K/2]: per 64 inputs of a row,
-    32 bytes, byte i holding input i in its low nibble and input 32 + i in its high one."""
-    n, k = codes.shape
-    c = codes.view(n, k // 64, 2, 32)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-
-
-def kernels() -> Kernels | None:
-    """The compiled kernels, or None (see `why()`). Compiled once per process, cached on disk."""
+def lib():
+    """The loaded core, or None (see `why()`)."""
     with _lock:
-        if "kernels" not in _state:
-            try:
-                _state["kernels"] = _load()
-            except _Unavailable as e:
-                _state["kernels"], _state["why"] = None, str(e)
-        return _state["kernels"]
+        if "lib" not in _state:
+            _state["lib"], _state["why"] = _load()
+        return _state["lib"]
+
+
+def available() -> bool:
+    return lib() is not None
 
 
 def why() -> str:
-    """Why `kernels()` is None ("" when it is not)."""
-    kernels()
+    """Why the core is unavailable ("" when it is available)."""
+    lib()
     return _state.get("why", "")
 
 
+def isa() -> str | None:
+    """The kernel variant in use (e.g. 'avx2'), or None without the core."""
+    L = lib()
+    return L.geb_isa_name().decode() if L is not None else None
+
+
+def supported_isas() -> list[str]:
+    """Every variant this CPU runs, best first."""
+    L = lib()
+    return L.geb_isa_supported().decode().split(",") if L is not None else []
+
+
+def select_isa(name: str) -> None:
+    """Use kernel variant `name` from now on in this process (tests; GEB_ISA does it at start)."""
+    L = _need()
+    rc = L.geb_select_isa(name.encode())
+    if rc != 0:
+        raise GebError(f"kernel variant '{name}' is not available here; this CPU runs: {', '.join(supported_isas())}")
+
+
 def set_threads(n: int) -> None:
-    k = _state.get("kernels")
-    if k is not None:
-        k.set_threads(n)
+    L = lib()
+    if L is not None:
+        L.geb_set_threads(max(1, int(n)))
 
 
-class _Unavailable(Exception):
-    pass
+def threads() -> int:
+    L = lib()
+    return L.geb_get_threads() if L is not None else 0
 
 
-def _load() -> Kernels:
-    if os.environ.get("GEB_NATIVE", "1") == "0":
-        raise _Unavailable("disabled by GEB_NATIVE=0")
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None:
-        raise _Unavailable("no C compiler (cc) on PATH")
-    src = _SRC.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("GEB_CACHE_DIR", Path.home() / ".cache" / "geb")) / "native"
-    so = folder / f"kernels-{key}.so"
-    if not so.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-        os.close(fd)
-        try:
-            p = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=120)
-            if p.returncode != 0:
-                raise _Unavailable(f"compiling {_SRC.name} failed: {p.stderr.strip()[-300:]}")
-            os.replace(tmp, so)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(so))
-    lib.geb_native_ok.restype = ctypes.c_int
-    if not lib.geb_native_ok():
-        raise _Unavailable("this CPU or compiler has no AVX512-BF16")
-    return Kernels(lib, so)
+def describe() -> dict:
+    """Which decode path runs here, for `geb info`, `geb bench` and the benchmark JSON."""
+    if not available():
+        return {"path": "torch", "isa": None, "why": why()}
+    return {"path": "native", "isa": isa(), "supported": supported_isas(), "threads": threads(), "why": ""}
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
+def _need():
+    L = lib()
+    if L is None:
+        raise GebError(f"the native decode core is unavailable: {why()}")
+    return L
 
 
-__all__ = ["Kernels", "MAX_ROWS", "kernels", "why", "set_threads", "int4_vnni_layout"]
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+# -- weights ----------------------------------------------------------------------------------------
+def mat(lin, keep: list) -> GebMat:
+    """The descriptor of a layer of geb.infer.quant (its tensors are appended to `keep`)."""
+    d = lin.native_desc()
+    for t in d.values():
+        if isinstance(t, torch.Tensor):
+            keep.append(t)
+    return GebMat(kind=d["kind"], n=lin.out_features, k=lin.in_features, kp=d.get("kp", lin.in_features),
+                  w=_ptr(d["w"]), scale=_ptr(d.get("scale")), s=_ptr(d.get("s")), z=_ptr(d.get("z")),
+                  bias=_ptr(d.get("bias")))
+
+
+def matmul(lin, x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (M <= 64) times a layer's weight through the decode kernels → FP32 [M, N]."""
+    L = _need()
+    keep: list = []
+    m = mat(lin, keep)
+    x = x.float().contiguous()
+    if x.dim() != 2 or x.shape[1] != lin.in_features or not 1 <= x.shape[0] <= MATMUL_MAX_ROWS:
+        raise ValueError(f"matmul: input {tuple(x.shape)} for a weight of {lin.in_features} inputs")
+    y = torch.empty(x.shape[0], lin.out_features)
+    if L.geb_matmul(ctypes.byref(m), x.data_ptr(), x.shape[0], y.data_ptr()) != 0:
+        raise GebError("native matmul failed (out of memory?)")
+    return y
+
+
+def dequantize(lin, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """Rows r0..r1 of a layer's weight as FP32 [r1 - r0, K], widened on the core's threads."""
+    L = _need()
+    keep: list = []
+    m = mat(lin, keep)
+    r1 = lin.out_features if r1 is None else r1
+    out = torch.empty(r1 - r0, lin.in_features)
+    if L.geb_dequant(ctypes.byref(m), r0, r1, out.data_ptr()) != 0:
+        raise ValueError(f"dequantize: rows {r0}..{r1} of {lin.out_features}")
+    return out
+
+
+def quantize_activation(x: torch.Tensor, kp: int | None = None):
+    """One row x [K] as the int8/int4 products see it: (int8 codes [kp], scales [G], sums [G]) per group
+    of 32 inputs (G = ceil(kp / 32); kp defaults to K)."""
+    L = _need()
+    x = x.float().contiguous().view(-1)
+    k = x.numel()
+    kp = k if kp is None else kp
+    g = -(-kp // 32)
+    q = torch.zeros(g * 32, dtype=torch.int8)
+    d, sx = torch.zeros(g + 8), torch.zeros(g + 8)
+    L.geb_quant_q8(x.data_ptr(), k, kp, q.data_ptr(), d.data_ptr(), sx.data_ptr())
+    return q[:kp], d[:g], sx[:g]
+
+
+# -- a whole model ----------------------------------------------------------------------------------
+class Decoder:
+    """A runtime's weights and one SlotCache described to the core: `step()` is one decode step.
+
+    Holds references to every tensor the core reads (weights, norms, RoPE tables, the cache), so they
+    outlive the C side's pointers."""
+
+    def __init__(self, rt, cache):
+        L = _need()
+        c = rt.cfg
+        self._lib, self._keep = L, []
+        cfg = GebConfig(n_layer=c.n_layer, d_model=c.d_model, n_head=c.n_head, n_kv_head=c.n_kv_head,
+                        head_dim=c.head_dim, ffn_hidden=c.ffn_hidden, vocab=rt.head.out_features,
+                        rotary_dims=c.rotary_dims, rope_interleaved=int(c.rope_style == "interleaved"),
+                        norm_eps=c.norm_eps, attn_scale=rt.scale)
+        self._h = L.geb_model_new(ctypes.byref(cfg))
+        if not self._h:
+            raise GebError("native decoder: out of memory")
+        for i, layer in enumerate(rt.layers):
+            norms = (layer.attn_norm.float().contiguous(), layer.ffn_norm.float().contiguous())
+            self._keep += norms
+            desc = GebLayer(attn_norm=norms[0].data_ptr(), ffn_norm=norms[1].data_ptr(),
+                            wqkv=mat(layer.wqkv, self._keep), wo=mat(layer.wo, self._keep),
+                            wgu=mat(layer.w_gateup, self._keep), wdown=mat(layer.w_down, self._keep))
+            L.geb_model_set_layer(self._h, i, ctypes.byref(desc))
+        emb = rt.emb
+        kind = {"fp32": F32, "bf16": BF16, "int8": Q8}[emb.fmt]
+        ew = emb.w.contiguous()
+        es = emb.scale.float().contiguous() if emb.scale is not None else None
+        cos, sin = rt.rope_cos.contiguous(), rt.rope_sin.contiguous()
+        norm = rt.norm.float().contiguous()
+        self._keep += [ew, es, cos, sin, norm]
+        e = GebEmb(kind=kind, w=ew.data_ptr(), scale=_ptr(es))
+        head = mat(rt.head, self._keep)
+        L.geb_model_set_io(self._h, ctypes.byref(e), ctypes.byref(head), norm.data_ptr(), cos.data_ptr(),
+                           sin.data_ptr(), cos.shape[0])
+        for t in (cache.k, cache.v):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise GebError("native decoder: the KV cache must be contiguous FP32")
+        self._cache = cache
+        if L.geb_model_set_cache(self._h, cache.k.data_ptr(), cache.v.data_ptr(), cache.slots, cache.max_len) != 0:
+            raise GebError("native decoder: cannot allocate its buffers (out of memory?)")
+        self.vocab = rt.head.out_features
+        self.threads = rt.threads
+
+    def step(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """Logits [B, V] of tokens [B] at positions (slot b gets tokens[b] at positions[b])."""
+        b = tokens.numel()
+        tok = tokens.to(torch.int64).contiguous().view(-1)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        out = torch.empty(b, self.vocab)
+        if self._lib.geb_get_threads() != self.threads:
+            self._lib.geb_set_threads(self.threads)
+        rc = self._lib.geb_decode(self._h, b, tok.data_ptr(), pos.data_ptr(), out.data_ptr())
+        if rc != 0:
+            what = {-1: f"batch of {b} for a cache of {self._cache.slots} slots", -2: "a token id outside the vocabulary",
+                    -3: "a position past the cache or the RoPE table", -4: "out of memory"}.get(rc, f"code {rc}")
+            raise GebError(f"native decode step failed: {what}")
+        return out
+
+    def __del__(self):
+        h, self._h = getattr(self, "_h", None), None
+        if h:
+            self._lib.geb_model_free(h)
+
+
+__all__ = ["available", "why", "isa", "supported_isas", "select_isa", "set_threads", "threads", "describe",
+           "matmul", "dequantize", "quantize_activation", "Decoder", "mat", "GebMat"]

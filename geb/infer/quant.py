@@ -1,19 +1,21 @@
 """Linear layers in each inference format (fp32, bf16, int8, int4) and the quantizers that make them.
 
-Every layer takes and returns FP32 activations [M, K] → [M, N]; what happens inside is the format's:
-- fp32: the weight as is. At a handful of rows (decode) the product goes to numpy's OpenBLAS, whose
-  matrix-vector routine uses every core, where torch's MKL path stays on one thread at batch 1.
-- bf16: BF16 weight and activations, FP32 out.
-- int8: weight-only, symmetric per output channel (scale = absmax / 127, kept in BF16), run by
-  `torch._weight_int8pack_mm` with BF16 activations (with FP32 activations that kernel is ~10x slower).
-- int4: weight-only, asymmetric per group of `group_size` input columns, run by
-  `torch._weight_int4pack_mm_for_cpu`; the kernel's convention is w = (q - 8) * scale + zero with
-  q in 0..15, scale and zero in BF16 laid out [K / group, N, 2].
+Every layer takes and returns FP32 activations [M, K] → [M, N]; what happens inside depends on the
+format and on the backend the runtime chose (geb.infer.runtime):
+- native (geb's decode core, geb.infer.native, wherever it was built): weights stay in the core's
+  layouts (FP32; BF16; int8 per output row; int4 in the core's nibble layout). A few rows (decode-time
+  products outside the fused step, one-token prefills) run on the core's kernels; more rows (prefill)
+  widen the weight block by block for one GEMM each, to BF16 where this CPU multiplies BF16 natively
+  (AVX512-BF16/AMX) and to FP32 elsewhere, where torch's BF16 products are emulated and slow.
+- torch (no native core): fp32 through numpy's OpenBLAS at a few rows (its matrix-vector routine
+  uses every core); bf16 pre-packed for oneDNN; int8 `torch._weight_int8pack_mm` (one row: the
+  activation quantized too, `torch._int_mm`); int4 `torch._weight_int4pack_mm_for_cpu`.
 
-Each layer knows how to list its tensors for a safetensors file (`state`) and to rebuild itself from
-them (`from_state`), so `geb quantize` writes exactly what the engine runs. int4 weights are stored
-as plain nibbles (column 2j in the low half of byte j) and packed into the kernel's own layout at load,
-because that layout is torch-internal.
+Quantized formats: int8 is symmetric per output channel (scale = absmax / 127, kept in BF16); int4 is
+asymmetric per group of `group_size` input columns, w = (q - 8) * scale + zero with q in 0..15 and
+scale, zero in BF16 laid out [K / group, N, 2] (torch's kernel convention). Each layer lists its
+tensors for a safetensors file (`state`) in that stored format whatever its in-memory layout, and is
+rebuilt from them (`linear_from_state`), so `geb quantize` writes exactly what the engine runs.
 """
 
 from __future__ import annotations
@@ -22,27 +24,39 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from geb import cpu
 from geb.errors import GebError
 
 FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel accepts
-NUMPY_MAX_ROWS = 8  # up to this many rows fp32 goes through numpy (matrix-vector territory)
-# From this many rows (prefill) quantized weights are widened to BF16 for one GEMM: widening costs a
-# fixed pass over the weight, the packed kernels cost per row (measured on one 5632x2048 matrix:
-# widening int8 ~11 ms, int4 ~75 ms; per row int8/int4 kernels ~1 ms against ~0.35 ms in BF16).
-INT8_DEQUANT_MIN_ROWS = 16
-INT4_DEQUANT_MIN_ROWS = 128
-DEQUANT_BLOCK = 2048  # output rows widened at a time: bounds the temporary BF16 copy (~8 MiB at K=2048)
-# Single-row int8 products quantize the activation too (Int8Linear._dynamic); False: weight-only always.
-INT8_DYNAMIC_DECODE = True
-# Up to this many rows BF16 products use geb's native kernel when it is available (geb.infer.native).
-NATIVE_BF16_MAX_ROWS = 2
-# int4 layers use geb's native VNNI kernel when it is available (Int4VnniLinear); False: torch's always.
-INT4_NATIVE = True
-# Smaller int4 matrices stay on torch's kernel: below about a million weights the native call's fixed cost
-# (activation quantization, ctypes, thread hand-off) outweighs its faster products (geb-tiny decoded
-# 241 tok/s with it against 332 without).
-INT4_NATIVE_MIN_WEIGHTS = 1 << 20
+NUMPY_MAX_ROWS = 8  # torch backend: up to this many rows fp32 goes through numpy (matrix-vector territory)
+# From this many rows (prefill) weights are widened block by block for one GEMM each: widening costs a
+# fixed pass over the weight, the row kernels cost per row.
+WIDEN_MIN_ROWS = 16
+INT4_TORCH_WIDEN_MIN_ROWS = 128  # torch's int4 kernel is cheaper per row than its widening
+DEQUANT_BLOCK = 1024  # output rows widened at a time: bounds the temporary copy (8 MiB FP32 at K=2048)
+BACKENDS = ("auto", "native", "torch")
+
+
+def native_backend(backend: str) -> bool:
+    """Whether layers are built for geb's native core: 'auto' where it is available, 'native' (an error
+    where it is not), 'torch' never."""
+    from geb.infer import native
+
+    if backend not in BACKENDS:
+        raise GebError(f"unknown backend '{backend}' (choose from: {', '.join(BACKENDS)})")
+    if backend == "torch":
+        return False
+    if native.available():
+        return True
+    if backend == "native":
+        raise GebError(f"the native decode core is unavailable: {native.why()}")
+    return False
+
+
+def _widen_dtype() -> torch.dtype:
+    """What prefill widens quantized weights to: BF16 where this CPU multiplies it natively."""
+    return torch.bfloat16 if cpu.native_bf16() else torch.float32
 
 
 def check_format(fmt: str) -> str:
@@ -52,9 +66,13 @@ def check_format(fmt: str) -> str:
 
 
 class Linear:
-    """Base: y = x @ W.T for FP32 x [M, K]; subclasses hold W in their format."""
+    """Base: y = x @ W.T for FP32 x [M, K]; subclasses hold W in their format.
+
+    `native` layers (built for geb's decode core) describe their tensors to it with `native_desc()`
+    and run few-row products on its kernels; `_widened(x)` is the prefill path shared by all of them."""
 
     fmt = ""
+    native = False
     out_features: int
     in_features: int
 
@@ -64,57 +82,106 @@ class Linear:
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def native_desc(self) -> dict:
+        raise NotImplementedError
+
+    def widen_block(self, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Output rows n0..n1 of the weight as `dtype` [n1 - n0, K]."""
+        raise NotImplementedError
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state("").values())
+
+    def _native_rows(self, x: torch.Tensor) -> torch.Tensor:
+        from geb.infer import native
+
+        x = x.float()
+        if x.shape[0] <= native.MATMUL_MAX_ROWS:
+            return native.matmul(self, x)
+        return torch.cat([native.matmul(self, x[i : i + native.MATMUL_MAX_ROWS])
+                          for i in range(0, x.shape[0], native.MATMUL_MAX_ROWS)])
+
+    def _widened(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Prefill: widen the weight DEQUANT_BLOCK rows at a time and run one GEMM per block."""
+        dtype = dtype or _widen_dtype()
+        xw = x.to(dtype)
+        out = torch.empty(x.shape[0], self.out_features)
+        for n0 in range(0, self.out_features, DEQUANT_BLOCK):
+            n1 = min(n0 + DEQUANT_BLOCK, self.out_features)
+            out[:, n0:n1] = F.linear(xw, self.widen_block(n0, n1, dtype))
+        return out
+
+    def _native_widen(self, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
+        from geb.infer import native
+
+        w = native.dequantize(self, n0, n1)
+        return w if dtype == torch.float32 else w.to(dtype)
 
 
 class F32Linear(Linear):
     fmt = "fp32"
 
-    def __init__(self, w: torch.Tensor):
+    def __init__(self, w: torch.Tensor, native: bool = False):
         self.w = w if w.dtype == torch.float32 and w.is_contiguous() else w.float().contiguous()
         self.out_features, self.in_features = self.w.shape
-        self._np = self.w.numpy()
+        self.native = native
+        self._np = None if native else self.w.numpy()
 
     def __call__(self, x):
-        if x.shape[0] <= NUMPY_MAX_ROWS:
+        if self.native and x.shape[0] < WIDEN_MIN_ROWS:
+            return self._native_rows(x)
+        if not self.native and x.shape[0] <= NUMPY_MAX_ROWS:
             xn = x.numpy()
             if x.shape[0] == 1:
                 return torch.from_numpy(np.matmul(self._np, xn[0]))[None]
             return torch.from_numpy(np.matmul(xn, self._np.T))
         return F.linear(x, self.w)
 
+    def native_desc(self):
+        from geb.infer.native import F32
+
+        return {"kind": F32, "w": self.w}
+
+    def widen_block(self, n0, n1, dtype):
+        return self.w[n0:n1].to(dtype)
+
     def state(self, prefix):
         return {prefix + "weight": self.w}
 
 
 class BF16Linear(Linear):
-    """BF16 weights. With geb's native kernels (geb.infer.native) the plain weight serves every path:
-    up to NATIVE_BF16_MAX_ROWS rows through the native AVX512-BF16 kernel, more through `F.linear`
-    (measured on one 11264x2048 matrix, 2 threads: 1 row 1.10 ms native / 1.98 packed / 2.50 plain;
-    2 rows 1.24 / 2.02 / 2.43; 4-16 rows plain 2.4-3.6 against packed 1.4-2.4; a 512-row prefill
-    plain 61 ms against packed 95). Without them the weight is pre-packed once into oneDNN's blocked
-    layout, the fastest of torch's kernels at a few rows."""
+    """BF16 weights. Native: the plain weight serves the core and prefill (a BF16 GEMM where BF16 is
+    native, else FP32 blocks). Torch: pre-packed once into oneDNN's blocked layout, the fastest of
+    torch's kernels at a few rows (bench/decode_kernels.py)."""
 
     fmt = "bf16"
 
-    def __init__(self, w: torch.Tensor):
-        from geb.infer import native
-
+    def __init__(self, w: torch.Tensor, native: bool = False):
         w = w.to(torch.bfloat16).contiguous()
         self.out_features, self.in_features = w.shape
-        self.native = native.kernels()
-        self.packed = None if self.native is not None else _onednn_pack(w)
+        self.native = native
+        self.packed = None if native else _onednn_pack(w)
         self.w = w if self.packed is None else None  # a packed copy replaces the plain one
 
     def __call__(self, x):
-        if self.native is not None and x.shape[0] <= NATIVE_BF16_MAX_ROWS:
-            return self.native.bf16_matmul(self.w, x)
+        if self.native:
+            if x.shape[0] < WIDEN_MIN_ROWS:
+                return self._native_rows(x)
+            if not cpu.native_bf16():
+                return self._widened(x, torch.float32)
         xb = x.to(torch.bfloat16)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], "").float()
         return F.linear(xb, self.w).float()
+
+    def native_desc(self):
+        from geb.infer.native import BF16
+
+        return {"kind": BF16, "w": self.w}
+
+    def widen_block(self, n0, n1, dtype):
+        return self._native_widen(n0, n1, dtype)
 
     def state(self, prefix):
         return {prefix + "weight": self.w if self.w is not None else self.packed.to_dense()}
@@ -144,41 +211,48 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(Linear):
     fmt = "int8"
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, native: bool = False):
         if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != (q.shape[0],):
             raise GebError(f"int8 layer: expected int8 [N, K] and scales [N], got {q.dtype} {tuple(q.shape)} "
                            f"and {tuple(scale.shape)}")
         self.q, self.scale = q, scale.to(torch.bfloat16)
         self._scale_f32 = self.scale.float()
         self.out_features, self.in_features = q.shape
+        self.native = native
 
     @classmethod
-    def from_float(cls, w):
-        return cls(*quantize_int8(w))
+    def from_float(cls, w, native: bool = False):
+        return cls(*quantize_int8(w), native=native)
 
     def dequantize(self) -> torch.Tensor:
         return (self.q.float() * self.scale.float()[:, None])
 
+    def widen_block(self, n0, n1, dtype):
+        if self.native and dtype == torch.float32:
+            return self._native_widen(n0, n1, dtype)
+        return torch.mul(self.q[n0:n1], self.scale[n0:n1, None]).to(dtype)
+
     def __call__(self, x):
-        xb = x.to(torch.bfloat16)
-        if x.shape[0] >= INT8_DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
-            out = torch.empty(x.shape[0], self.out_features)
-            for n0 in range(0, self.out_features, DEQUANT_BLOCK):
-                n1 = min(n0 + DEQUANT_BLOCK, self.out_features)
-                out[:, n0:n1] = F.linear(xb, torch.mul(self.q[n0:n1], self.scale[n0:n1, None]))
-            return out
-        if x.shape[0] == 1 and INT8_DYNAMIC_DECODE:
+        if x.shape[0] >= WIDEN_MIN_ROWS:
+            return self._widened(x)
+        if self.native:
+            return self._native_rows(x)
+        if x.shape[0] == 1:
             return self._dynamic(x)
-        return torch._weight_int8pack_mm(xb, self.q, self.scale).float()
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale).float()
 
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        """One row (single-sequence decode): quantize the activation row to int8 too (symmetric, one
-        scale per row, as llama.cpp quantizes activations for Q8_0, there per block of 32) and run
-        torch's int8 x int8 -> int32 GEMM on the weight as stored: faster than the weight-only kernel at
-        one row (bench/decode_kernels.py), slower from two rows on."""
+        """Torch backend, one row: quantize the activation row to int8 too (symmetric, one scale per
+        row) and run torch's int8 x int8 -> int32 GEMM on the weight as stored: faster than the
+        weight-only kernel at one row (bench/decode_kernels.py), slower from two rows on."""
         s = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
         xq = torch.round(x / s).to(torch.int8)
         return torch._int_mm(xq, self.q.t()).float().mul_(s).mul_(self._scale_f32)
+
+    def native_desc(self):
+        from geb.infer.native import Q8
+
+        return {"kind": Q8, "w": self.q, "scale": self._scale_f32}
 
     def state(self, prefix):
         return {prefix + "qweight": self.q, prefix + "scales": self.scale}
@@ -215,7 +289,7 @@ def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
 
 
 _LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
-PACK_ROWS = 1024  # rows packed at a time: torch's packer wants int32 codes (4 bytes per weight)
+PACK_ROWS = 1024  # rows packed (or laid out) at a time: bounds the temporaries of loading
 
 
 def _pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
@@ -229,30 +303,46 @@ def _pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
+def _check_int4(nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int) -> tuple[int, int]:
+    n, half = nibbles.shape
+    kp = half * 2
+    if (nibbles.dtype != torch.uint8 or group_size not in INT4_GROUPS or kp % group_size
+            or scale_zero.shape != (kp // group_size, n, 2)):
+        raise GebError(f"int4 layer: nibbles {nibbles.dtype} {tuple(nibbles.shape)} and scales "
+                       f"{tuple(scale_zero.shape)} do not fit group size {group_size}")
+    return n, kp
+
+
+_LAYOUT_KNOWN: list[bool] = []
+
+
+def _torch_int4_layout_known() -> bool:
+    """Whether torch's CPU int4 packing on this CPU is the 64-row-block layout Int4Linear._codes reads
+    (it depends on the CPU's vector width); checked once on a small matrix."""
+    if not _LAYOUT_KNOWN:
+        codes = torch.arange(64 * 64, dtype=torch.int32).view(64, 64) % 16
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        blk = packed.view(1, 64, 32)
+        got = torch.cat([(blk & 15).transpose(1, 2), (blk >> 4).transpose(1, 2)], 1).reshape(64, 64)
+        _LAYOUT_KNOWN.append(packed.numel() == 64 * 32 and torch.equal(got.int(), codes))
+    return _LAYOUT_KNOWN[0]
+
+
 class Int4Linear(Linear):
+    """int4 on torch's kernel (torch backend): the nibbles packed into torch's CPU layout at load."""
+
     fmt = "int4"
 
     def __init__(self, nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int,
                  keep_nibbles: bool = True):
-        n, half = nibbles.shape
-        kp = half * 2
-        if nibbles.dtype != torch.uint8 or scale_zero.shape != (kp // group_size, n, 2) or kp % group_size:
-            raise GebError(f"int4 layer: nibbles {nibbles.dtype} {tuple(nibbles.shape)} and scales "
-                           f"{tuple(scale_zero.shape)} do not fit group size {group_size}")
+        n, kp = _check_int4(nibbles, scale_zero, group_size)
         self.sz, self.group_size = scale_zero.to(torch.bfloat16), group_size
         self.out_features, self.in_features = n, in_features
         self.padded_in = kp  # inputs are zero-padded up to a whole group
         self.packed = _pack_int4(nibbles)
-        # The packed layout of whole 64-row blocks is known (see _codes); other shapes keep the nibbles.
-        self._nibbles = nibbles if keep_nibbles or n % 64 else None
-
-    @classmethod
-    def from_float(cls, w, group_size: int = 32):
-        n, k = w.shape
-        kp = -(-k // group_size) * group_size
-        if kp != k:  # pad input columns with zeros: they add nothing whatever their code
-            w = F.pad(w.float(), (0, kp - k))
-        return cls(*quantize_int4(w, group_size), group_size=group_size, in_features=k)
+        # Where torch packs whole 64-row blocks in the layout _codes reads (its AVX-512 kernels), the
+        # nibbles can go; other shapes, and CPUs whose kernels use another layout, keep them.
+        self._nibbles = nibbles if keep_nibbles or n % 64 or not _torch_int4_layout_known() else None
 
     def _codes(self) -> torch.Tensor:
         """uint8 codes [N, K] (0..15)."""
@@ -304,13 +394,15 @@ class Int4Linear(Linear):
         xb = x.to(torch.bfloat16)
         if self.padded_in != self.in_features:
             xb = F.pad(xb, (0, self.padded_in - self.in_features))
-        if x.shape[0] >= INT4_DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
+        if x.shape[0] >= INT4_TORCH_WIDEN_MIN_ROWS:  # prefill: widen block by block, one GEMM each
+            dtype = _widen_dtype()
+            xw = xb if dtype == torch.bfloat16 else F.pad(x.float(), (0, self.padded_in - self.in_features))
             if self._nibbles is not None:
-                return F.linear(xb, self._dequant_padded(torch.bfloat16)).float()
+                return F.linear(xw, self._dequant_padded(dtype)).float()
             out = torch.empty(x.shape[0], self.out_features)
             for n0 in range(0, self.out_features, DEQUANT_BLOCK):
                 n1 = min(n0 + DEQUANT_BLOCK, self.out_features)
-                out[:, n0:n1] = torch.matmul(xb, self._dequant_t_bf16(n0, n1))
+                out[:, n0:n1] = torch.matmul(xw, self._dequant_t_bf16(n0, n1).to(dtype))
             return out
         return torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group_size, self.sz).float()
 
@@ -322,64 +414,70 @@ class Int4Linear(Linear):
         return self.packed.numel() * self.packed.element_size() + self.sz.numel() * 2
 
 
-class Int4VnniLinear(Linear):
-    """int4 held for geb's native kernel (geb.infer.native): the same stored format as Int4Linear
-    (`state` writes the same nibbles and scales), laid out for AVX512-VNNI. One row (decode) quantizes
-    the activation to int8 per group of 32 inputs and multiplies bytes, 64 per instruction, as
-    llama.cpp's Q4_0 x Q8_0 does: 0.50 against 0.80 ms for torch's int4 kernel on the 11264x2048
-    matrix (2 threads, bench/decode_kernels.py). A few rows run one by one; from INT4_DEQUANT_MIN_ROWS rows the weight is
-    widened to BF16 block by block for a GEMM. Group size 32, padded input size a multiple of 128."""
+def native_int4_layout(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (0..15, K % 64 == 0) → the core's layout [N, K/2]: per 64 inputs of a row, 32
+    bytes, byte i holding input i in its low nibble and input 32 + i in its high one."""
+    n, k = codes.shape
+    c = codes.view(n, k // 64, 2, 32)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+class Int4NativeLinear(Linear):
+    """int4 held for geb's native core: the same stored format as Int4Linear (`state` writes the same
+    nibbles and scales), laid out for the core's kernels at load: inputs padded to a multiple of 64
+    (zero codes, zero scales) and scales repeated per group of 32 inputs whatever the stored group
+    size. The core multiplies activations quantized to int8 per group of 32 by the codes."""
 
     fmt = "int4"
+    native = True
     copies_scales = True  # s and z are its own copies: a loader may drop the file's scales
 
-    def __init__(self, nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int, kernels):
-        from geb.infer.native import int4_vnni_layout
-
-        n, half = nibbles.shape
-        kp = half * 2
-        if (nibbles.dtype != torch.uint8 or group_size != 32 or kp % 128
-                or scale_zero.shape != (kp // group_size, n, 2)):
-            raise GebError(f"int4 (VNNI) layer: nibbles {nibbles.dtype} {tuple(nibbles.shape)} and scales "
-                           f"{tuple(scale_zero.shape)} with group size {group_size}")
-        self.q = torch.empty(n, half, dtype=torch.uint8)
-        for r0 in range(0, n, 1024):  # in slices: whole-matrix temporaries would raise the loading peak
-            nib = nibbles[r0 : r0 + 1024]
-            self.q[r0 : r0 + 1024] = int4_vnni_layout(torch.stack([nib & 15, nib >> 4], -1).view(nib.shape[0], kp))
+    def __init__(self, nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int):
+        n, kp = _check_int4(nibbles, scale_zero, group_size)
+        k64 = -(-kp // 64) * 64
+        self.q = torch.empty(n, k64 // 2, dtype=torch.uint8)
+        for r0 in range(0, n, PACK_ROWS):  # in slices: whole-matrix temporaries would raise the loading peak
+            nib = nibbles[r0 : r0 + PACK_ROWS]
+            codes = torch.stack([nib & 15, nib >> 4], -1).view(nib.shape[0], kp)
+            self.q[r0 : r0 + PACK_ROWS] = native_int4_layout(F.pad(codes, (0, k64 - kp)))
         sz = scale_zero.to(torch.bfloat16)
-        self.s, self.z = sz[..., 0].T.contiguous(), sz[..., 1].T.contiguous()  # [N, K/32]
-        self.group_size, self.out_features, self.in_features, self.padded_in = group_size, n, in_features, kp
-        self.native = kernels
+        rep, pad = group_size // 32, (k64 - kp) // 32
+        self.s = F.pad(sz[..., 0].T.repeat_interleave(rep, 1), (0, pad)).contiguous()  # [N, k64 / 32]
+        self.z = F.pad(sz[..., 1].T.repeat_interleave(rep, 1), (0, pad)).contiguous()
+        self.group_size, self.out_features, self.in_features = group_size, n, in_features
+        self.padded_in, self.native_in = kp, k64
 
     def _codes(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
-        q = self.q[n0:n1].view(-1, self.padded_in // 64, 32)
-        return torch.stack([q & 15, q >> 4], 2).view(q.shape[0], self.padded_in)
+        q = self.q[n0:n1].view(-1, self.native_in // 64, 32)
+        return torch.stack([q & 15, q >> 4], 2).view(q.shape[0], self.native_in)
 
-    def _dequant(self, n0: int, n1: int, dtype) -> torch.Tensor:
+    def widen_block(self, n0, n1, dtype):
+        if dtype == torch.float32:
+            return self._native_widen(n0, n1, dtype)
         s, z = self.s[n0:n1].to(dtype), self.z[n0:n1].to(dtype)
-        q = self._codes(n0, n1).view(n1 - n0, -1, self.group_size).to(dtype)
-        return torch.addcmul((z - 8.0 * s)[..., None], q, s[..., None]).view(n1 - n0, self.padded_in)
+        q = self._codes(n0, n1).view(n1 - n0, -1, 32).to(dtype)
+        w = torch.addcmul((z - 8.0 * s)[..., None], q, s[..., None]).view(n1 - n0, self.native_in)
+        return w[:, : self.in_features]
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return self._dequant(0, self.out_features, dtype)[:, : self.in_features]
+        return self.widen_block(0, self.out_features, dtype)
 
     def __call__(self, x):
-        if self.padded_in != self.in_features:
-            x = F.pad(x, (0, self.padded_in - self.in_features))
-        if x.shape[0] >= INT4_DEQUANT_MIN_ROWS:  # prefill: widen to BF16 block by block, one GEMM each
-            xb = x.to(torch.bfloat16)
-            out = torch.empty(x.shape[0], self.out_features)
-            for n0 in range(0, self.out_features, DEQUANT_BLOCK):
-                n1 = min(n0 + DEQUANT_BLOCK, self.out_features)
-                out[:, n0:n1] = F.linear(xb, self._dequant(n0, n1, torch.bfloat16))
-            return out
-        x = x.float().contiguous()
-        return torch.cat([self.native.int4_matvec(self.q, self.s, self.z, x[i : i + 1]) for i in range(x.shape[0])])
+        if x.shape[0] >= WIDEN_MIN_ROWS:
+            return self._widened(x)
+        return self._native_rows(x)
+
+    def native_desc(self):
+        from geb.infer.native import Q4
+
+        return {"kind": Q4, "w": self.q, "s": self.s, "z": self.z, "kp": self.native_in}
 
     def state(self, prefix):
-        codes = self._codes()
+        kp, every = self.padded_in, self.group_size // 32
+        codes = self._codes()[:, :kp]
         nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
-        return {prefix + "qweight": nibbles, prefix + "scales_zeros": torch.stack([self.s.T, self.z.T], -1).contiguous()}
+        s, z = self.s[:, : kp // 32 : every], self.z[:, : kp // 32 : every]
+        return {prefix + "qweight": nibbles, prefix + "scales_zeros": torch.stack([s.T, z.T], -1).contiguous()}
 
     @property
     def nbytes(self) -> int:
@@ -387,49 +485,44 @@ class Int4VnniLinear(Linear):
 
 
 def int4_linear(nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int, in_features: int,
-                keep_nibbles: bool = True) -> Linear:
-    """An int4 layer on geb's native VNNI kernel where it is available and the shape fits (group 32,
-    padded input a multiple of 128, at least INT4_NATIVE_MIN_WEIGHTS weights), else on torch's kernel."""
-    from geb.infer import native
-
-    kern = native.kernels() if INT4_NATIVE else None
-    big = nibbles.shape[0] * nibbles.shape[1] * 2 >= INT4_NATIVE_MIN_WEIGHTS
-    if kern is not None and big and group_size == 32 and (nibbles.shape[1] * 2) % 128 == 0:
-        return Int4VnniLinear(nibbles, scale_zero, group_size, in_features, kern)
+                native: bool = False, keep_nibbles: bool = True) -> Linear:
+    if native:
+        return Int4NativeLinear(nibbles, scale_zero, group_size, in_features)
     return Int4Linear(nibbles, scale_zero, group_size=group_size, in_features=in_features, keep_nibbles=keep_nibbles)
 
 
-def make_linear(w: torch.Tensor, fmt: str, group_size: int = 32) -> Linear:
-    """Build a layer of format `fmt` from a full-precision weight [N, K]."""
+def make_linear(w: torch.Tensor, fmt: str, group_size: int = 32, native: bool = False) -> Linear:
+    """Build a layer of format `fmt` from a full-precision weight [N, K] (for the native core or torch)."""
     if fmt == "fp32":
-        return F32Linear(w)
+        return F32Linear(w, native)
     if fmt == "bf16":
-        return BF16Linear(w)
+        return BF16Linear(w, native)
     if fmt == "int8":
-        return Int8Linear.from_float(w)
+        return Int8Linear.from_float(w, native)
     if fmt == "int4":
         n, k = w.shape
         kp = -(-k // group_size) * group_size
         padded = F.pad(w.float(), (0, kp - k)) if kp != k else w  # zero columns add nothing
-        return int4_linear(*quantize_int4(padded, group_size), group_size=group_size, in_features=k)
+        return int4_linear(*quantize_int4(padded, group_size), group_size=group_size, in_features=k, native=native)
     raise GebError(f"unknown format '{fmt}'")
 
 
 def linear_from_state(get, prefix: str, fmt: str, shape: tuple[int, int], group_size: int = 32,
-                      keep_nibbles: bool = True) -> Linear:
+                      keep_nibbles: bool = True, native: bool = False) -> Linear:
     """Rebuild a layer from stored tensors; `get(name, dtype, shape)` fetches and checks one tensor."""
     n, k = shape
     if fmt == "fp32":
-        return F32Linear(get(prefix + "weight", torch.float32, (n, k)))
+        return F32Linear(get(prefix + "weight", torch.float32, (n, k)), native)
     if fmt == "bf16":
-        return BF16Linear(get(prefix + "weight", torch.bfloat16, (n, k)))
+        return BF16Linear(get(prefix + "weight", torch.bfloat16, (n, k)), native)
     if fmt == "int8":
-        return Int8Linear(get(prefix + "qweight", torch.int8, (n, k)), get(prefix + "scales", torch.bfloat16, (n,)))
+        return Int8Linear(get(prefix + "qweight", torch.int8, (n, k)), get(prefix + "scales", torch.bfloat16, (n,)),
+                          native)
     if fmt == "int4":
         kp = -(-k // group_size) * group_size
         return int4_linear(get(prefix + "qweight", torch.uint8, (n, kp // 2)),
                            get(prefix + "scales_zeros", torch.bfloat16, (kp // group_size, n, 2)),
-                           group_size=group_size, in_features=k, keep_nibbles=keep_nibbles)
+                           group_size=group_size, in_features=k, native=native, keep_nibbles=keep_nibbles)
     raise GebError(f"unknown format '{fmt}'")
 
 

@@ -2,18 +2,19 @@
 
 `Runtime` takes the weights of a GEB model (by geb's parameter names, the model in geb/model.py being
 the one definition) and holds them fused for inference: one query/key/value matrix and one gate/up
-matrix per layer, in any format of geb.infer.quant. It has two paths:
+matrix per layer, in any format of geb.infer.quant, built for one of two backends:
 
-- `prefill(ids, cache, slot)`: the prompt of one sequence, in chunks, into that sequence's cache slot
-  (causal attention by torch's fused SDPA), returning the last position's logits;
-- `decode(tokens, cache, positions)`: one new token for each of the first B slots at once. Attention
-  for a single query is two small batched matmuls over the live part of the cache with grouped-query
-  heads viewed as [kv_heads, group, dim]; everything stays FP32 (torch's SDPA in BF16 is ~10x slower
-  for one query on this kind of CPU).
+- native (default wherever geb's decode core was built, geb.infer.native): `decode` is ONE call into
+  the core per step, which runs every layer, the final norm and the head on its own threads;
+- torch (no core, or `backend="torch"`): `decode` runs the same step as torch ops layer by layer.
+  Attention for a single query is two small batched matmuls over the live part of the cache with
+  grouped-query heads viewed as [kv_heads, group, dim], in FP32 (torch's SDPA in BF16 is ~10x slower
+  for one query on these CPUs). FP32 products go through numpy's OpenBLAS with torch held to one
+  thread (torch's idle OpenMP workers would spin and take the other core from OpenBLAS).
 
-Threads: prefill uses `threads` torch threads. Decode in FP32 runs its matrix-vector products in
-numpy's OpenBLAS (all cores) with torch held to one thread, because torch's idle OpenMP workers spin
-and would take the other core from OpenBLAS; the other formats use torch's own kernels on `threads`.
+`prefill(ids, cache, slot)` is torch ops for both (big GEMMs, causal SDPA), writing the same FP32
+cache the native step reads, and returns the last position's logits. Prefill uses `threads` torch
+threads; the native step uses `threads` threads of its own.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from geb.config import ModelConfig
 from geb.errors import GebError
-from geb.infer.quant import NATIVE_BF16_MAX_ROWS, NUMPY_MAX_ROWS, Embedding, Linear, check_format, make_linear
+from geb.infer.quant import NUMPY_MAX_ROWS, Embedding, Linear, check_format, make_linear, native_backend
 from geb.model import rope_tables
 
 PREFILL_CHUNK = 512
@@ -66,6 +67,7 @@ class SlotCache:
         self.v = torch.zeros(shape)
         self.slots, self.max_len = slots, max_len
         self.lengths = [0] * slots
+        self.decoder = None  # (runtime, geb.infer.native.Decoder) once a native step has run on it
 
     def move(self, src: int, dst: int) -> None:
         n = self.lengths[src]
@@ -101,11 +103,15 @@ class Runtime:
     def __init__(self, cfg: ModelConfig, fmt: str, emb: Embedding, layers: list[Layer], norm: torch.Tensor,
                  head: Linear, info: dict | None = None):
         self.cfg, self.fmt = cfg, check_format(fmt)
+        # the native step needs every product on the core (a torch-backend layer cannot be described to it)
+        self.native = all(getattr(m, "native", False) for L in layers for m in (L.wqkv, L.wo, L.w_gateup, L.w_down)) \
+            and getattr(head, "native", False)
         self.emb, self.layers, self.norm, self.head = emb, layers, norm, head
         self.info = dict(info or {})
         c = cfg
         self.scale = 1.0 / math.sqrt(c.head_dim)
         cos, sin = rope_tables(cfg, c.max_seq_len)
+        self.rope_cos, self.rope_sin = cos, sin  # [max_seq_len, rotary_dims / 2], read by the native step
         rd = c.rotary_dims
         # Rotation as x * cos_f + rot(x) * sin_f with rot(x) a permutation: two multiplies, no gathers.
         if c.rope_style == "half":
@@ -131,10 +137,8 @@ class Runtime:
             sd.update(L.w_gateup.state(p + "ffn.w_gateup."))
             sd.update(L.w_down.state(p + "ffn.w_down."))
         sd["norm.weight"] = self.norm
-        shared = {t.data_ptr() for t in self.emb.state("").values()}
-        head = self.head.state("lm_head.")
-        if not any(t.data_ptr() in shared for t in head.values()):
-            sd.update(head)
+        if not self.cfg.tie_embeddings:  # a tied table is stored once, as tok_emb (both sides read it)
+            sd.update(self.head.state("lm_head."))
         return sd
 
     @property
@@ -150,13 +154,17 @@ class Runtime:
             n += sum(m.nbytes for m in (L.wqkv, L.wo, L.w_gateup, L.w_down)) + 8 * self.cfg.d_model
         return n
 
+    @property
+    def backend(self) -> str:
+        return "native" if self.native else "torch"
+
     def set_threads(self, n: int) -> None:
         self.threads = max(1, int(n))
         self._torch_threads = None
-        if self.fmt == "bf16":
+        if self.native or any(getattr(L.wqkv, "native", False) for L in self.layers):
             from geb.infer import native
 
-            native.set_threads(self.threads)  # its row-range pool for one-row BF16 products
+            native.set_threads(self.threads)
         try:  # numpy's OpenBLAS pool (FP32 decode); threadpoolctl is optional
             from threadpoolctl import threadpool_limits
 
@@ -258,19 +266,31 @@ class Runtime:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cache: SlotCache, positions: list[int] | None = None) -> torch.Tensor:
         """One token for each of slots 0..B-1 (tokens [B]); each goes at its slot's length. → logits [B, V]."""
-        c = self.cfg
         b = tokens.numel()
         pos = list(cache.lengths[:b]) if positions is None else list(positions)
         if max(pos) >= cache.max_len:
             raise GebError(f"decode past the cache's capacity ({cache.max_len} positions)")
+        if self.native:
+            self._use_threads(1)  # torch runs only the caller's small ops (sampling): keep its pool quiet
+            if cache.decoder is None or cache.decoder[0] is not self:
+                from geb.infer.native import Decoder
+
+                cache.decoder = (self, Decoder(self, cache))
+            logits = cache.decoder[1].step(tokens, pos)
+        else:
+            logits = self._decode_torch(tokens, cache, pos)
+        for i, p in enumerate(pos):
+            cache.lengths[i] = p + 1
+        return logits
+
+    def _decode_torch(self, tokens: torch.Tensor, cache: SlotCache, pos: list[int]) -> torch.Tensor:
+        c = self.cfg
+        b = tokens.numel()
         numpy_path = self.fmt == "fp32" and b <= NUMPY_MAX_ROWS
         # Only the weight products are worth several torch threads at decode; every other op is tiny,
         # and each op that opens an OpenMP region pays a wake-up (a whole time slice when the machine
         # is busy). So small ops run on one thread and the pool is widened around each product.
-        # one-row BF16 products on geb's native kernels bring their own threads (geb.infer.native)
-        native_path = (self.fmt == "bf16" and b <= NATIVE_BF16_MAX_ROWS
-                       and getattr(self.head, "native", None) is not None)
-        wide = 1 if numpy_path or native_path else self.threads
+        wide = 1 if numpy_path else self.threads
         use = self._use_threads
 
         def mm(lin, h):
@@ -314,8 +334,6 @@ class Runtime:
             x = x + mm(L.wo, y)
             g, u = mm(L.w_gateup, self._norm(x, L.ffn_norm)).split(c.ffn_hidden, -1)
             x = x + mm(L.w_down, F.silu(g).mul_(u))
-        for i, p in enumerate(pos):
-            cache.lengths[i] = p + 1
         return mm(self.head, self._norm(x, self.norm))
 
     @torch.inference_mode()
@@ -338,13 +356,15 @@ def default_side_formats(fmt: str) -> tuple[str, str]:
 
 
 def build_runtime(cfg: ModelConfig, get, fmt: str, group_size: int = 32, release=None,
-                  info: dict | None = None) -> Runtime:
+                  info: dict | None = None, backend: str = "auto") -> Runtime:
     """Build a Runtime from full-precision weights; `get(name)` returns the tensor of a GEB parameter.
 
     `release(name)` (optional) is called once a source tensor has been converted, so a memory-mapped
-    source can drop its pages and peak memory stays near the converted model's size.
+    source can drop its pages and peak memory stays near the converted model's size. `backend`:
+    'auto' (the native core where it is available), 'native' or 'torch' (geb.infer.quant).
     """
     check_format(fmt)
+    native = native_backend(backend)
     release = release or (lambda name: None)
     emb_fmt, head_fmt = default_side_formats(fmt)
 
@@ -355,7 +375,7 @@ def build_runtime(cfg: ModelConfig, get, fmt: str, group_size: int = 32, release
 
     def lin(names, f=fmt):
         w, ns = take(names)
-        out = make_linear(w, f, group_size)
+        out = make_linear(w, f, group_size, native)
         if len(ns) > 1 or not _uses_in_place(out, w):  # the source was copied: drop its pages
             for n in ns:
                 release(n)
@@ -374,7 +394,7 @@ def build_runtime(cfg: ModelConfig, get, fmt: str, group_size: int = 32, release
         ))
     emb_w = get("tok_emb.weight")
     if cfg.tie_embeddings:
-        head = make_linear(emb_w, head_fmt, group_size)
+        head = make_linear(emb_w, head_fmt, group_size, native)
         emb = _embedding_sharing(head, emb_w, emb_fmt)
     else:
         emb = Embedding.from_float(emb_w, emb_fmt)
@@ -401,7 +421,7 @@ def _embedding_sharing(head: Linear, emb_w: torch.Tensor, emb_fmt: str) -> Embed
     return Embedding.from_float(emb_w, emb_fmt)
 
 
-def runtime_from_model(model, fmt: str = "fp32", group_size: int = 32) -> Runtime:
+def runtime_from_model(model, fmt: str = "fp32", group_size: int = 32, backend: str = "auto") -> Runtime:
     """A Runtime over a live GEB model's weights (FP32 shares nothing fused; the model stays usable)."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    return build_runtime(model.cfg, lambda n: sd[n], fmt, group_size, info={"source": "model"})
+    return build_runtime(model.cfg, lambda n: sd[n], fmt, group_size, info={"source": "model"}, backend=backend)

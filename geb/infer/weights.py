@@ -21,7 +21,7 @@ import torch
 from geb.checkpoint import CONFIG, META, WEIGHTS, AtomicFolder, check_folder, now_iso, read_meta
 from geb.config import ModelConfig
 from geb.errors import GebError
-from geb.infer.quant import FORMATS, INT4_GROUPS, Embedding, check_format, linear_from_state
+from geb.infer.quant import FORMATS, INT4_GROUPS, Embedding, check_format, linear_from_state, native_backend
 from geb.infer.runtime import Layer, Runtime, build_runtime, default_side_formats
 
 LAYOUT = "geb-fused-v1"
@@ -165,8 +165,9 @@ def _check_quantization(q, path: Path) -> dict:
     return q
 
 
-def runtime_from_quantized(folder: Path, cfg: ModelConfig, q: dict) -> Runtime:
+def runtime_from_quantized(folder: Path, cfg: ModelConfig, q: dict, backend: str = "auto") -> Runtime:
     q = _check_quantization(q, folder / CONFIG)
+    native = native_backend(backend)
     st = SafeTensorsMap(folder / WEIGHTS)
     fmt, gs = q["format"], q.get("group_size") or 32
     c = cfg
@@ -177,7 +178,7 @@ def runtime_from_quantized(folder: Path, cfg: ModelConfig, q: dict) -> Runtime:
         return st.get(name, dtype, shape)
 
     def lin(prefix, shape, f=fmt):
-        out = linear_from_state(get, prefix, f, shape, gs, keep_nibbles=False)
+        out = linear_from_state(get, prefix, f, shape, gs, keep_nibbles=False, native=native)
         if f == "int4":  # repacked (int4 nibbles, BF16 weights): the file's pages are no longer needed
             st.release(prefix + "qweight")
             if getattr(out, "copies_scales", False):  # the native layout holds its own scales too
@@ -226,11 +227,12 @@ def _check_full_names(st: SafeTensorsMap, cfg: ModelConfig) -> None:
     check_state_dict(fake, model, str(st.path))
 
 
-def load_runtime(folder: str | Path, fmt: str | None = None, group_size: int = 32):
+def load_runtime(folder: str | Path, fmt: str | None = None, group_size: int = 32, backend: str = "auto"):
     """(Runtime, Tokenizer, meta) from a full-precision or a quantized model folder.
 
     A full folder is converted to `fmt` (default fp32) as it loads; a quantized folder runs in its
-    own format (asking for another one is an error: precision cannot be recovered).
+    own format (asking for another one is an error: precision cannot be recovered). `backend`: see
+    geb.infer.runtime.build_runtime.
     """
     from geb.tokenizer import Tokenizer
 
@@ -241,13 +243,14 @@ def load_runtime(folder: str | Path, fmt: str | None = None, group_size: int = 3
         if fmt is not None and fmt != stored:
             raise GebError(f"{folder}: a {stored} quantized folder cannot run as {fmt} "
                            f"(quantize the full-precision model to {fmt} instead)")
-        rt = runtime_from_quantized(folder, cfg, q)
+        rt = runtime_from_quantized(folder, cfg, q, backend)
     else:
         fmt = check_format(fmt or "fp32")
         st = SafeTensorsMap(folder / WEIGHTS)
         _check_full_names(st, cfg)
         # FP32 weights stored FP32 are used in place; fused or converted ones drop the file's pages.
-        rt = build_runtime(cfg, st.get, fmt, group_size, release=st.release, info={"source": str(folder)})
+        rt = build_runtime(cfg, st.get, fmt, group_size, release=st.release, info={"source": str(folder)},
+                           backend=backend)
     tok = Tokenizer.load(folder)
     if tok.vocab_size > cfg.vocab_size:
         raise GebError(f"{folder}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
