@@ -4,7 +4,10 @@
 free cache slots (prefilling each prompt alone, so its first token is exactly what it would be served
 alone), then runs ONE decode step for every live sequence together, and returns what each request
 produced. Requests leave when they hit a stop id, a stop string, their token budget or the context,
-or when `cancel()` is called; their slot is free for the next step. The HTTP server runs `step()` in
+or when `cancel()` is called; their slot is free for the next step. An exception in one request's
+admission, prefill or sampling (a seed torch refuses, a tokenizer error, ...) finishes that request
+alone with "error" and its message; only a failure of the batched decode itself escapes `step()`.
+The HTTP server runs `step()` in
 a loop on one thread and hands the events to its clients; `Engine.generate_batch` drives it to the
 end for offline batches.
 
@@ -15,6 +18,7 @@ one), so the decode step reads one contiguous block of the cache.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from dataclasses import dataclass, field
 
@@ -23,6 +27,8 @@ import torch
 from geb.errors import GebError
 from geb.infer.runtime import Runtime, SlotCache
 from geb.infer.sampling import SamplingParams, sample_next
+
+log = logging.getLogger("geb.infer")
 
 
 class TextStream:
@@ -174,7 +180,10 @@ class BatchEngine:
         # No thread-count restore per step: the scheduler's loop owns its thread, and resizing
         # torch's pool every step would cost more than the step's small ops.
         for r in admit:
-            self._admit(r, events)
+            try:
+                self._admit(r, events)
+            except Exception as e:  # noqa: BLE001 - one request's bad settings fail it alone
+                self._fail(r, e, events)
         budget = self.prefill_chunk or float("inf")
         while self.prefilling and budget > 0:
             r = self.prefilling[0]
@@ -182,9 +191,8 @@ class BatchEngine:
             n1 = int(min(len(r.prompt_ids), n0 + budget))
             try:
                 logits = self.rt.prefill(r.prompt_ids[n0:n1], self.cache, r.slot)
-            except GebError as e:  # a bad request fails alone; the batch goes on
-                r.error = str(e)
-                self._finish(r, "error", events)
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone; the batch goes on
+                self._fail(r, e, events)
                 continue
             budget -= n1 - n0
             r._prefilled = n1
@@ -226,19 +234,25 @@ class BatchEngine:
             self._take(r, row[None], events)
 
     def _take(self, r: Request, logits: torch.Tensor, events: list[Event]) -> None:
-        """Sample the next token of r from its logits; emit it, or finish r."""
+        """Sample the next token of r from its logits; emit it, or finish r (with "error" if that fails)."""
         p = r.params
-        logits = mask_padding(logits, self.tok.vocab_size)
-        seen = torch.tensor([r._seen]) if p.repetition_penalty != 1.0 else None
-        t = int(sample_next(logits, p, seen, r._gen))
-        stop_ids = self.tok.stop_ids if p.stop_ids is None else p.stop_ids
-        if t in stop_ids:
+        try:
+            logits = mask_padding(logits, self.tok.vocab_size)
+            seen = torch.tensor([r._seen]) if p.repetition_penalty != 1.0 else None
+            t = int(sample_next(logits, p, seen, r._gen))
+            stop_ids = self.tok.stop_ids if p.stop_ids is None else p.stop_ids
+            end = t in stop_ids
+            if not end:
+                r.ids.append(t)
+                r._seen.append(t)
+                delta = r._stream.push(t)
+                r.text = r._stream.text
+        except Exception as e:  # noqa: BLE001 - its sampling or detokenizing: this request only
+            self._fail(r, e, events)
+            return
+        if end:
             self._finish(r, "stop", events)
             return
-        r.ids.append(t)
-        r._seen.append(t)
-        delta = r._stream.push(t)
-        r.text = r._stream.text
         if r._stream.stopped:
             self._finish(r, "stop", events, [t], delta)
             return
@@ -252,10 +266,22 @@ class BatchEngine:
         self.cache.move(q.slot, dst)
         q.slot = dst
 
+    def _fail(self, r: Request, e: Exception, events: list[Event]) -> None:
+        """Finish r with "error" and a one-line message; its traceback goes to the log."""
+        r.error = str(e) if isinstance(e, GebError) else f"{type(e).__name__}: {e}"
+        log.warning("request %s failed: %s", r.id, r.error, exc_info=not isinstance(e, GebError))
+        self._finish(r, "error", events)
+
     def _finish(self, r: Request, reason: str, events: list[Event], ids: list[int] | None = None,
                 delta: str = "") -> None:
+        if r.done:  # finished already (an error while finishing it): never free its slot twice
+            return
         if r._stream is not None:
-            delta += r._stream.finish()
+            try:
+                delta += r._stream.finish()
+            except Exception as e:  # noqa: BLE001 - its last text cannot be decoded: it ends in error
+                if reason != "error":
+                    reason, r.error = "error", f"{type(e).__name__}: {e}"
             r.text = r._stream.text
         r.finish_reason = reason
         if r in self.active:  # keep generating sequences in slots 0..G-1, prefilling ones right after

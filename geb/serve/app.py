@@ -26,14 +26,17 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from geb.errors import GebError
 from geb.serve.protocol import (
+    MAX_JSON_DEPTH,
     APIError,
     ChatRequest,
     CompletionRequest,
     chat_body,
     chat_chunk,
+    check_json,
     completion_body,
     completion_chunk,
     invalid,
@@ -142,19 +145,32 @@ async def read_json(request: Request, limit: int):
                        code="request_too_large")
     declared = request.headers.get("content-length", "")
     buf, seen = bytearray(), 0
-    async for chunk in request.stream():
-        seen += len(chunk)
-        if seen <= limit and not (declared.isdigit() and int(declared) > limit):
-            buf += chunk
-        elif seen > DRAIN_LIMIT:
-            break
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen <= limit and not (declared.isdigit() and int(declared) > limit):
+                buf += chunk
+            elif seen > DRAIN_LIMIT:
+                break
+    except ClientDisconnect:  # gone before its body was sent: nobody reads the answer
+        raise APIError(400, "The client closed the connection before sending the whole body.",
+                       code="client_disconnected") from None
     if seen > limit or (declared.isdigit() and int(declared) > limit):
         raise too_big
     try:
-        return json.loads(buf)
-    except (ValueError, UnicodeDecodeError) as e:
+        data = json.loads(buf, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as e:  # UnicodeDecodeError: not UTF-8
         raise invalid(f"We could not parse the JSON body of your request ({e}). The OpenAI API expects a "
                       "JSON payload.", code="invalid_json") from None
+    except RecursionError:  # json's C parser counts its nesting against Python's recursion limit
+        raise invalid(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json") from None
+    check_json(data)
+    return data
+
+
+def _no_constant(name: str):
+    """Python's json reads NaN and Infinity, which JSON does not have."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 async def wait_disconnect(request: Request) -> None:
@@ -332,6 +348,8 @@ def create_app(settings: ServerSettings, engine_factory=None) -> FastAPI:
         except Busy as e:
             raise APIError(429, f"The server is busy: {e}. Retry shortly.", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
+        except GebError as e:  # the engine refuses the prompt (the checks above should have caught it)
+            raise invalid(str(e), "messages" if chat else "prompt") from None
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         prompt_tokens = sum(len(ids) for ids in prompts)  # once per prompt, not per choice (as OpenAI counts)
         if req.stream:

@@ -1,7 +1,10 @@
 """The OpenAI API as geb serves it: request models and their validation, errors, response bodies.
 
 Requests are parsed by pydantic models that forbid unknown fields, so a misspelt parameter is a 400
-naming it (as OpenAI's own API answers) rather than silently ignored. Parameters of the OpenAI API
+naming it (as OpenAI's own API answers) rather than silently ignored. Types are strict (JSON `true`
+is not an integer, `"10"` is not a number) and every value is bounded as OpenAI documents it (`seed`
+to an unsigned 64-bit integer), so whatever reaches the engine is something it can run; `check_json`
+refuses bodies nested too deep and strings that are not Unicode (lone UTF-16 surrogates). Parameters of the OpenAI API
 that geb cannot honour (tools, logprobs, penalties, logit bias, JSON mode) are accepted only at their
 neutral values. Unset sampling parameters take the model's release defaults (SamplingParams: GEB's
 generation config), as vLLM does with a model's generation_config.json; `top_k`,
@@ -10,9 +13,10 @@ generation config), as vLLM does with a model's generation_config.json; `top_k`,
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -20,7 +24,12 @@ from geb.infer.sampling import SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 16
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+SEED_MAX = 2**64 - 1  # torch.Generator's seed range (unsigned 64 bits); the n choices wrap around it
+# Below these the sampler's float32 logits overflow (measured: temperature or penalty 1e-38 gives NaN
+# probabilities); far below any useful setting, and temperature 0 is greedy decoding.
+MIN_TEMPERATURE = MIN_REPETITION_PENALTY = 1e-6
+MAX_JSON_DEPTH = 64  # nesting levels of a request body (a chat request needs 5)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" escapes decode to these; UTF-8 cannot hold them
 
 
 class APIError(Exception):
@@ -43,9 +52,45 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param, code)
 
 
+def check_json(data: Any) -> None:
+    """400 for a decoded body nested deeper than MAX_JSON_DEPTH, or holding a string (key or value)
+    with a lone surrogate; iterative, so no body can exhaust the stack here."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                param = _param(path)
+                raise invalid(f"Invalid value for '{param}': the string holds a lone UTF-16 surrogate "
+                              "(\\ud800-\\udfff without its pair), which is not Unicode text.", param, "invalid_value")
+        elif isinstance(v, (dict, list)):
+            if len(path) >= MAX_JSON_DEPTH:
+                raise invalid(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", _param(path[:1]),
+                              "invalid_json")
+            if isinstance(v, list):
+                stack.extend((x, (*path, i)) for i, x in enumerate(v))
+                continue
+            for k, x in v.items():
+                if _SURROGATE.search(k):
+                    raise invalid(f"A key of '{_param(path) or 'the body'}' holds a lone UTF-16 surrogate, which is "
+                                  "not Unicode text.", _param(path), "invalid_value")
+                stack.append((x, (*path, k)))
+
+
+def _param(path) -> str | None:
+    """A location as OpenAI names parameters: messages.[0].content."""
+    return ".".join(f"[{x}]" if isinstance(x, int) else x for x in path) or None
+
+
 # -- requests ---------------------------------------------------------------------------------------
+# strict: no bool or string where a number is expected, no number where a string is; finite floats only
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class _Open(BaseModel):
+    # Clients echo back assistant messages as they received them (refusal, annotations, ...): allow extras.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -53,15 +98,12 @@ class StreamOptions(_Strict):
     include_obfuscation: bool | None = None  # sent by newer clients; geb adds no padding anyway
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ContentPart(_Open):
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
-    # Clients echo back assistant messages as they received them (refusal, annotations, ...): allow extras.
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(_Open):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -74,17 +116,24 @@ class _Common(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = Field(None, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: str | None = None
     # extensions (vLLM's names)
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
     ignore_eos: bool | None = False  # generate max_tokens whatever the model says (benchmarks)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if v is not None and 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy decoding) or at least {MIN_TEMPERATURE:g}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -114,7 +163,7 @@ class _Common(_Strict):
             top_k=d.top_k if self.top_k is None else self.top_k,
             repetition_penalty=d.repetition_penalty if self.repetition_penalty is None else self.repetition_penalty,
             # n choices from one seed must differ from each other yet stay reproducible
-            seed=None if self.seed is None else self.seed + index,
+            seed=None if self.seed is None else (self.seed + index) % (SEED_MAX + 1),
             stop=self.stops(),
             stop_ids=[] if self.ignore_eos else None,
         )
@@ -129,16 +178,18 @@ class ChatRequest(_Common):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     functions: list | None = None
     function_call: Any = None
-    response_format: dict | None = None
-    metadata: dict | None = None
+    response_format: dict[str, Any] | None = None
+    # OpenAI: up to 16 pairs, keys up to 64 characters, values up to 512
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = \
+        Field(None, max_length=16)
     store: bool | None = None
-    service_tier: str | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
 
     @property
     def limit(self) -> int | None:
@@ -167,6 +218,9 @@ class ChatRequest(_Common):
                               "or assistant)", f"messages.[{i}].role")
             if m.tool_calls:
                 raise invalid(f"messages[{i}]: tool calls are not supported", f"messages.[{i}].tool_calls")
+            if m.content is None and role != "assistant":  # OpenAI: only an assistant's content may be null
+                raise invalid(f"Invalid value for 'messages.[{i}].content': a {m.role} message needs content (a "
+                              "string or a list of text parts), not null.", f"messages.[{i}].content", "invalid_value")
             if m.content is None or isinstance(m.content, str):
                 text = m.content or ""
             else:
@@ -186,8 +240,8 @@ class CompletionRequest(_Common):
     max_tokens: int | None = Field(None, ge=1)
     echo: bool | None = False
     suffix: str | None = None
-    logprobs: int | None = None
-    best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = Field(None, ge=1, le=20)
 
     @property
     def limit(self) -> int | None:
@@ -214,6 +268,24 @@ class CompletionRequest(_Common):
         return list(p)
 
 
+def _locate(data: Any, loc: tuple, missing: bool) -> tuple[list, bool]:
+    """The body's path to an error from pydantic's loc, which also names the member of a union it tried
+    ("str", "list[int]", ...): a step of loc is on the path when the body has it. (path, through a union?)"""
+    path, union, cur = [], False, data
+    for k, x in enumerate(loc):
+        if isinstance(cur, dict) and x in cur:
+            path.append(x)
+            cur = cur[x]
+        elif isinstance(cur, list) and isinstance(x, int) and 0 <= x < len(cur):
+            path.append(x)
+            cur = cur[x]
+        elif missing and k == len(loc) - 1:
+            path.append(x)
+        else:
+            union = True
+    return path, union
+
+
 def parse(model: type[BaseModel], data: Any):
     """Validate a decoded JSON body; a problem becomes a 400 naming the parameter, like OpenAI's API."""
     if not isinstance(data, dict):
@@ -222,15 +294,8 @@ def parse(model: type[BaseModel], data: Any):
         req = model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        path, union = [], False
-        for x in err.get("loc", ()):
-            if isinstance(x, int):
-                path.append(f"[{x}]")
-            elif x.isidentifier() and x.islower() and x not in _TYPE_TAGS:
-                path.append(x)
-            else:  # pydantic names the member of a union it tried ("str", "list[int]", ...)
-                union = True
-        param = ".".join(path) or None
+        path, union = _locate(data, err.get("loc", ()), err["type"] == "missing")
+        param = _param(path)
         if err["type"] == "extra_forbidden":
             raise invalid(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
         if err["type"] == "missing":

@@ -103,9 +103,15 @@ class Scheduler:
                 raise Busy(f"{len(self._live)} requests are running or waiting (the limit is "
                            f"{self.slots} running + {self.max_waiting} waiting)")
             t = Ticket(self, rids, [len(ids) for ids, _ in jobs], loop)
-            for i, (r, (ids, params)) in enumerate(zip(rids, jobs)):
-                self.be.submit(ids, params, request_id=r)
-                self._live[r] = (t, i)
+            try:
+                for i, (r, (ids, params)) in enumerate(zip(rids, jobs)):
+                    self.be.submit(ids, params, request_id=r)
+                    self._live[r] = (t, i)
+            except Exception:  # all or none: withdraw the jobs already queued (a prompt the engine refuses)
+                for r in rids:
+                    if self._live.pop(r, None) is not None:
+                        self.be.cancel(r)
+                raise
             self.counts["requests"] += len(jobs)
             self._wake.notify()
         return t
