@@ -169,11 +169,14 @@ def stage_pretrain(ctx: Context) -> None:
                                "train_loss": meta["last_train_loss"], "val_loss": meta["last_val_loss"],
                                "unigram_val_loss": uni, "heldout_phrasing_loss": phr,
                                "heldout_phrasing_unigram": phr_uni,
-                               "params": _params(meta["settings"]["model"]), "wall_seconds": meta.get("wall_seconds")}
+                               "params": _params(meta["settings"]["model"]), "wall_seconds": meta.get("wall_seconds"),
+                               "dtype": meta["settings"].get("dtype_resolved"),
+                               "dtype_reason": meta["settings"].get("dtype_reason")}
     r = ctx.results["pretrain"]
     ctx.sections.append(
         "## 3. Pretraining\n\n"
-        f"Model `{c.preset}` ({r['params']:,} parameters), {r['steps']} steps, {r['tokens_seen']:,} tokens.\n\n"
+        f"Model `{c.preset}` ({r['params']:,} parameters), {r['steps']} steps, {r['tokens_seen']:,} tokens, "
+        f"computed in {r['dtype']} ({r['dtype_reason']}).\n\n"
         "| | nats/token |\n|---|---|\n"
         f"| unigram baseline on validation | {uni:.3f} |\n| final validation loss | {r['val_loss']:.3f} |\n"
         f"| final training loss | {r['train_loss']:.3f} |\n"

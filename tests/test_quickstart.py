@@ -27,6 +27,17 @@ def test_report_files_and_sections(report):
         assert (out / f).exists(), f
 
 
+def test_pretraining_dtype_is_the_auto_choice_and_reported(report):
+    from geb.cpu import native_bf16
+
+    out, summary = report
+    r = summary["results"]["pretrain"]
+    assert r["dtype"] == ("bf16" if native_bf16() else "fp32")  # --dtype auto: BF16 only where native
+    meta = json.loads((out / "ckpt" / "pretrain" / "meta.json").read_text())
+    assert meta["settings"]["dtype_resolved"] == r["dtype"] and meta["settings"]["dtype_reason"] == r["dtype_reason"]
+    assert f"computed in {r['dtype']} ({r['dtype_reason']})" in (out / "report.md").read_text()
+
+
 def test_pipeline_removed_noise_and_duplicates(report):
     r = report[1]["results"]["corpus"]
     assert r["clean_documents"] <= r["raw_documents"] - r["injected"]["exact_duplicates"]

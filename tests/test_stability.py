@@ -184,3 +184,40 @@ def test_without_the_measures_bad_batches_are_trained_on_and_nan_stops_the_run(t
     model = GEB(get_preset("geb-test").replace(vocab_size=tiny_cfg.vocab_size))
     with pytest.raises(GebError, match="loss became nan"):
         train(model, Nan(PretrainTask(data, 32, 4, 1, 0), [], 8), c, tmp_path / "nan", tokenizer, {}, quiet=True)
+
+
+def test_live_snapshots_never_exceed_what_the_docs_say(tmp_path, data, tokenizer, tiny_cfg, monkeypatch):
+    """docs/training.md, "Snapshots": `host` keeps at most two snapshots, `device` one; each holds 12
+    bytes per parameter (FP32 weights and AdamW's two moments) plus AdamW's step counters, and a new
+    one reuses the memory of the one it replaces instead of being built beside it."""
+    import weakref
+
+    from geb.train import stability
+
+    live, seen = weakref.WeakSet(), {"count": 0, "bytes": 0}
+    init, take = stability.Snapshot.__init__, stability.Stability.snapshot
+
+    def counting_init(self, *a, **k):
+        init(self, *a, **k)
+        live.add(self)
+        seen["count"] = max(seen["count"], len(live))
+
+    def measured_take(self, params, opt, loop, reset=False):
+        take(self, params, opt, loop, reset)
+        seen["bytes"] = max(seen["bytes"], sum(s.nbytes() for s in live))
+        seen["one"] = 12 * sum(p.numel() for p in params) + 4 * len(params)  # 4: AdamW's FP32 step counter
+
+    monkeypatch.setattr(stability.Snapshot, "__init__", counting_init)
+    monkeypatch.setattr(stability.Stability, "snapshot", measured_take)
+    records = {}
+    for where, docs_limit in (("host", 2), ("device", 1)):
+        seen.update(count=0, bytes=0)
+        meta = _run(tmp_path / where, data, tokenizer, tiny_cfg, [13, 19, 20], snapshot_memory=where)[0]
+        assert meta["stability"]["rollbacks"] == 1  # snapshots were taken, replaced, released and restored
+        assert seen["count"] == docs_limit
+        assert seen["bytes"] == docs_limit * seen["one"]
+        records[where] = _records(tmp_path / where)
+    # here the one device snapshot is the one the host pair would roll back to: the same run
+    assert records["device"] == records["host"]
+    with pytest.raises(GebError, match="snapshot_memory"):
+        stability.Stability(TrainConfig(snapshot_memory="gpu"), True)

@@ -43,7 +43,8 @@ def configure(p) -> None:
                    "the cosine ends at 60%% of the steps (the paper's LR adjustment for small batches)")
     g.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
     g.add_argument("--grad-clip", type=float, help=f"default {d.grad_clip}")
-    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="autocast dtype (default auto: BF16)")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="autocast dtype (default auto: BF16 on GPUs "
+                   "that support it and on CPUs with native BF16 (AVX512-BF16, AMX), else FP32)")
     g.add_argument("--device", help="auto (default), cpu, cuda")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g.add_argument("--eval-every", type=int, help=f"default {d.eval_every}")
@@ -63,6 +64,9 @@ def configure(p) -> None:
     s.add_argument("--no-rollback", dest="rollback", action="store_false", default=None,
                    help="never roll back (spikes that survive the replacements are applied)")
     s.add_argument("--snapshot-every", type=int, help=f"steps between in-memory good states (default {d.snapshot_every})")
+    s.add_argument("--snapshot-memory", choices=["auto", "host", "device"], help="where rollback snapshots live: "
+                   "host (default): at most two in CPU memory (pinned on CUDA), 12 bytes per parameter each; "
+                   "device: one, beside the weights (docs/training.md)")
     s.add_argument("--skip-before", type=int, help=f"data iterations skipped before a spike (default {d.skip_before})")
     s.add_argument("--skip-after", type=int, help=f"data iterations skipped after a spike (default {d.skip_after})")
     s.add_argument("--lr-cut-after", type=int, help=f"cut the LR after this many spikes, 0 = never (default {d.lr_cut_after})")
@@ -75,7 +79,8 @@ def configure(p) -> None:
                    help="recompute activations in backward (less memory)")
     h.add_argument("--attn", choices=["sdpa", "sdpa-flash", "flash-attn"], help="attention kernel (default sdpa: "
                    "PyTorch picks FlashAttention-2 on CUDA; sdpa-flash insists on it; flash-attn: the package)")
-    h.add_argument("--peak-tflops", type=float, help="per-device peak for the MFU log (default: known GPUs)")
+    h.add_argument("--peak-tflops", type=float, help="per-device dense BF16 peak for the MFU log (default: the "
+                   "GPUs in geb's table; others log no MFU until given this)")
     p.add_argument("--quiet", action="store_true")
     add_threads(p)
 
@@ -83,7 +88,7 @@ def configure(p) -> None:
 _TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "decay_steps", "weight_decay",
                "grad_clip", "dtype", "device", "seed", "eval_every", "save_every", "log_every", "emb_grad_alpha",
                "lr_preset", "stability", "spike_sigma", "spike_rel", "spike_window", "spike_min_history",
-               "spike_retries", "rollback", "snapshot_every", "skip_before", "skip_after", "lr_cut_after",
+               "spike_retries", "rollback", "snapshot_every", "snapshot_memory", "skip_before", "skip_after", "lr_cut_after",
                "lr_cut_factor", "parallel", "compile", "activation_checkpointing", "attn", "peak_tflops")
 
 

@@ -39,7 +39,8 @@ def add_train_args(p, *, lr: float, min_lr: float, batch_size: int, epochs: floa
     p.add_argument("--decay-steps", type=int, default=None, help="cosine horizon (default: all steps)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", "bf16", "fp32"])
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "bf16", "fp32"], help="autocast dtype (default "
+                   "auto: BF16 on GPUs that support it and on CPUs with native BF16, else FP32)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-every", type=int, default=50, help="steps between validation passes")

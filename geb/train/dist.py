@@ -129,12 +129,12 @@ class _DDP(torch.nn.parallel.DistributedDataParallel):
             return getattr(self.module, name)
 
 
-def wrap(model: torch.nn.Module, env: DistEnv, parallel: str, amp_dtype: torch.dtype) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, env: DistEnv, parallel: str) -> torch.nn.Module:
     """Return the module to train: the model itself (one process), DDP, or the model sharded by FSDP2.
 
-    FSDP2 shards each transformer block, then the root (embedding, final norm, output layer). With a
-    BF16 run the blocks compute in BF16 (MixedPrecisionPolicy param_dtype) while the sharded master
-    weights, the optimizer and the gradient reduce-scatter stay FP32 (reduce_dtype).
+    FSDP2 shards each transformer block, then the root (embedding, final norm, output layer), with
+    the policy of `fsdp_policy`: parameters, optimizer and reductions stay FP32 and autocast does the
+    BF16 casts, so a step computes what it computes under DDP or in one process.
     """
     if parallel not in ("auto", "ddp", "fsdp", "none"):
         raise GebError(f"parallel must be auto, ddp, fsdp or none, got {parallel!r}")
@@ -145,19 +145,32 @@ def wrap(model: torch.nn.Module, env: DistEnv, parallel: str, amp_dtype: torch.d
         return _DDP(model, device_ids=ids, broadcast_buffers=False)
     if parallel == "none":
         raise GebError("parallel=none cannot run under torchrun with more than one process")
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    # cast_forward_inputs=False: the blocks receive the FP32 RoPE tables as inputs, and casting them to
-    # BF16 would blur the rotation angles at long positions; the activations arrive in BF16 anyway
-    # because the embedding's parameters are BF16 in forward.
-    mp = MixedPrecisionPolicy(param_dtype=None if amp_dtype == torch.float32 else amp_dtype,
-                              reduce_dtype=torch.float32, cast_forward_inputs=False)
+    mp = fsdp_policy()
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again at the start of backward: keeping them
         # unsharded after forward saves one all-gather.
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def fsdp_policy():
+    """FSDP2's MixedPrecisionPolicy, for FP32 and BF16 runs alike: none of its casts.
+
+    param_dtype=None: FSDP2 gathers the FP32 master weights and autocast casts them to BF16 for the
+    matrix products, exactly as under DDP and in one process. Casting the parameters instead (the
+    usual param_dtype=bfloat16) would also round the embedding table and the RMSNorm weights to BF16,
+    so the residual stream would start in BF16 and the numerics would depend on the parallel mode.
+    The price: the all-gathers carry 4 bytes per parameter instead of 2.
+    reduce_dtype=float32: gradients are reduce-scattered (and accumulated across micro-batches) in FP32.
+    cast_forward_inputs=False: inputs (the FP32 RoPE tables included) keep their dtype.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, output_dtype=None,
+                                cast_forward_inputs=False)
 
 
 def is_fsdp(module: torch.nn.Module) -> bool:
@@ -329,5 +342,5 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
 
 
 __all__ = ["DistEnv", "setup", "shutdown", "barrier", "rank_micros", "all_reduce_mean", "wrap", "unwrap",
-           "grad_sync", "clip_grad_norm", "save_training_checkpoint", "load_training_state", "consolidate",
+           "grad_sync", "clip_grad_norm", "fsdp_policy", "save_training_checkpoint", "load_training_state", "consolidate",
            "recover_folder", "has_sharded_state", "launched_by_torchrun", "local_world_size", "DCP_DIR"]

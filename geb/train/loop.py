@@ -5,12 +5,13 @@ batch) and a batch into a loss. Because batches are a pure function of the data 
 data-loader state is one integer, so resume is exact and skipping data is a cursor move.
 
 The loop owns: AdamW (decay on matrices only), warmup + cosine LR, gradient accumulation, clipping,
-BF16 autocast, periodic validation, JSONL metrics, a loss PNG, progress lines, and atomic checkpoint
-folders (weights + config + tokenizer + meta + loop state, with the optimizer in sharded DCP form) that
-`--resume` continues. It runs as one process or under torchrun with DDP/FSDP2 (geb.train.dist), with
-GPU throughput options and MFU logging (geb.train.perf), and with the paper's loss-spike measures
-(geb.train.stability): spike detection with batch replacement, rollback with skipped data windows,
-embedding-gradient shrink and LR adjustment. Every intervention is a `"kind": "spike"` record.
+autocast (BF16 where the device computes it natively), periodic validation, JSONL metrics, a loss PNG,
+progress lines, and atomic checkpoint folders (weights + config + tokenizer + meta + loop state, with
+the optimizer in sharded DCP form) that `--resume` continues. It runs as one process or under
+torchrun with DDP/FSDP2 (geb.train.dist), with GPU throughput options and MFU logging
+(geb.train.perf), and with the paper's loss-spike measures (geb.train.stability): spike detection
+with batch replacement, rollback with skipped data windows, embedding-gradient shrink and LR
+adjustment. Every intervention is a `"kind": "spike"` record.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class TrainConfig:
     spike_retries: int = 2  # measure 1: replacement batches before escalating (0 = no replacement)
     rollback: bool = True  # measure 2: roll back to the last good snapshot and skip a data window
     snapshot_every: int = 50  # steps between in-memory good snapshots (also taken at every save)
+    snapshot_memory: str = "auto"  # auto (= host) | host: two snapshots in CPU memory | device: one beside the weights
     skip_before: int = 100  # data iterations skipped before the spike ...
     skip_after: int = 100  # ... and after it
     max_rollbacks: int = 20
@@ -120,12 +122,42 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def choose_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The autocast dtype for `--dtype name` on `device`, and why (logged and recorded in meta.json).
+
+    auto: on CUDA, BF16 where the GPU supports it; on a CPU, BF16 only where the CPU computes it
+    natively (AVX512-BF16 or AMX-BF16). Elsewhere torch emulates BF16 products and autocast makes
+    training several times slower than FP32 (issue 14: an AVX-512 Xeon without AVX512-BF16), so auto
+    means FP32 there.
+    """
+    from geb import cpu
+
     if name == "fp32":
-        return torch.float32
-    if name == "bf16" or device.type == "cpu":
-        return torch.bfloat16  # CPU autocast in BF16 is ~1.8x faster than FP32 here (see notes)
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.float32, "--dtype fp32"
+    if name == "bf16":
+        why = "--dtype bf16"
+        if device.type == "cpu" and not cpu.native_bf16():
+            why += " (this CPU has no native BF16: autocast emulates it, slower than FP32)"
+        return torch.bfloat16, why
+    if name != "auto":
+        raise GebError(f"dtype must be auto, bf16 or fp32, got {name!r}")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: this GPU supports BF16"
+        return torch.float32, "auto: this GPU does not support BF16"
+    if device.type == "cpu":
+        if cpu.native_bf16():
+            return torch.bfloat16, "auto: the CPU has native BF16 (avx512_bf16 or amx_bf16)"
+        return torch.float32, "auto: the CPU has no native BF16 (no avx512_bf16 or amx_bf16), BF16 would be emulated"
+    return torch.float32, f"auto: FP32 on {device.type}"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    return choose_dtype(name, device)[0]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
 def make_optimizer(model, c: TrainConfig) -> torch.optim.Optimizer:
@@ -221,7 +253,7 @@ def train(model, task: Task, c: TrainConfig, out_dir: str | Path, tokenizer, met
     out_dir = Path(out_dir)
     env = dist.setup(c.device)
     device = env.device
-    amp_dtype = resolve_dtype(c.dtype, device)
+    amp_dtype, dtype_reason = choose_dtype(c.dtype, device)
     torch.manual_seed(c.seed)
     desc = task.describe()
     res = resolve(c, model.num_params(), desc.get("kind"))
@@ -229,8 +261,8 @@ def train(model, task: Task, c: TrainConfig, out_dir: str | Path, tokenizer, met
     model.to(device)
     model.emb_grad_alpha = res.emb_grad_alpha
     model.train()
-    perf.prepare(model, c, device)
-    module = dist.wrap(model, env, c.parallel, amp_dtype)
+    perf.prepare(model, c, device, amp_dtype)
+    module = dist.wrap(model, env, c.parallel)
     opt = make_optimizer(model, c)  # after wrap: FSDP2 replaces the parameters with sharded ones
     params = [p for p in model.parameters() if p.requires_grad]
     micros = dist.rank_micros(c.grad_accum, env)
@@ -253,7 +285,8 @@ def train(model, task: Task, c: TrainConfig, out_dir: str | Path, tokenizer, met
     elif (out_dir / META).exists():
         raise GebError(f"{out_dir}: already holds a checkpoint; use --resume to continue it or choose another --out")
     settings = {"train": asdict(c), "resolved": res.to_dict(), "task": desc, "model": model.cfg.to_dict(),
-                "world_size": env.world, "parallel": ("fsdp" if dist.is_fsdp(module) else "ddp") if env.active else "none"}
+                "world_size": env.world, "parallel": ("fsdp" if dist.is_fsdp(module) else "ddp") if env.active else "none",
+                "device": str(device), "dtype_resolved": dtype_name(amp_dtype), "dtype_reason": dtype_reason}
     live = out_dir / "metrics.jsonl"
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,6 +319,9 @@ def train(model, task: Task, c: TrainConfig, out_dir: str | Path, tokenizer, met
 
     prog = Progress(c.steps, stream=open(os.devnull, "w") if quiet or not env.main else sys.stderr)
     meter = perf.Meter(model.cfg, desc.get("seq_len"), device, env.world, c.peak_tflops)
+    print(f"training on {device} in {dtype_name(amp_dtype)} ({dtype_reason})", file=prog.stream, flush=True)
+    if meter.note:
+        print(meter.note, file=prog.stream, flush=True)
     step_tokens = task.tokens_per_batch * c.grad_accum
     stab.snapshot(params, opt, loop_state(), reset=True)
     while step < c.steps:
@@ -369,4 +405,4 @@ def resume_config(out_dir: str | Path, overrides: dict | None = None) -> TrainCo
 
 
 __all__ = ["TrainConfig", "Task", "train", "lr_at", "evaluate", "plot_losses", "resume_config", "resolve_device",
-           "resolve_dtype", "TRAIN_STATE"]
+           "resolve_dtype", "choose_dtype", "dtype_name", "TRAIN_STATE"]

@@ -25,11 +25,43 @@ import torch
 
 from geb.errors import GebError
 
-# Dense BF16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets.
+# Dense BF16 tensor-core peaks (no sparsity), TFLOP/s, from NVIDIA's data sheets (half their
+# "with sparsity" figures where only those are printed), keyed by product.
+# A product's figure depends on its form factor (an H100 PCIe runs at 756, an SXM at 989.4), so a
+# name is looked up exactly, never by a partial match: an unknown GPU gets no MFU until --peak-tflops.
 PEAK_BF16_TFLOPS = {
-    "H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
-    "H800": 989.4, "GH200": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1, "A10G": 70.0,
+    "H100 SXM": 989.4, "H100 PCIe": 756.5, "H100 NVL": 835.5,
+    "H200 SXM": 989.4, "H200 NVL": 835.5,
+    "H800 SXM": 989.4, "H800 PCIe": 756.5,
+    "GH200": 989.4,
+    "A100": 312.0, "A800": 312.0,
+    "L40S": 362.05, "L40": 181.05, "L4": 121.0, "A10": 125.0,
 }
+
+# torch.cuda.get_device_name() strings (after _normal_name) -> product. Several names per product:
+# the driver reports memory size and form factor in varying spellings.
+GPU_PRODUCTS = {
+    "H100 80GB HBM3": "H100 SXM", "H100 SXM5 80GB": "H100 SXM", "H100 SXM": "H100 SXM",
+    "H100 PCIE": "H100 PCIe", "H100 NVL": "H100 NVL",
+    "H200": "H200 SXM", "H200 SXM": "H200 SXM", "H200 NVL": "H200 NVL",
+    "H800": "H800 SXM", "H800 SXM": "H800 SXM", "H800 PCIE": "H800 PCIe",
+    "GH200 480GB": "GH200", "GH200 144G HBM3E": "GH200", "GH200": "GH200",
+    "A100 SXM4 40GB": "A100", "A100 SXM4 80GB": "A100", "A100 PCIE 40GB": "A100", "A100 80GB PCIE": "A100",
+    "A100 PCIE 80GB": "A100",
+    "A800 SXM4 80GB": "A800", "A800 80GB PCIE": "A800", "A800 PCIE 80GB": "A800", "A800 PCIE 40GB": "A800",
+    "L40S": "L40S", "L40": "L40", "L4": "L4", "A10": "A10",
+}
+
+
+def _normal_name(name: str) -> str:
+    """'NVIDIA A100-SXM4-80GB' -> 'A100 SXM4 80GB': no vendor prefix, '-'/'_' as spaces, upper case."""
+    n = " ".join(name.replace("-", " ").replace("_", " ").split()).upper()
+    return n[len("NVIDIA "):] if n.startswith("NVIDIA ") else n
+
+
+def gpu_product(name: str) -> str | None:
+    """The product a device name is (a key of PEAK_BF16_TFLOPS), or None when it is not one we know."""
+    return GPU_PRODUCTS.get(_normal_name(name))
 
 
 def flops_per_token(cfg, seq_len: int | None) -> float:
@@ -40,16 +72,22 @@ def flops_per_token(cfg, seq_len: int | None) -> float:
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
-    """Peak BF16 FLOP/s of one device, or None when unknown (CPUs: pass --peak-tflops to get an MFU)."""
+    """Peak BF16 FLOP/s of one device, or None when unknown (CPUs and GPUs not in the table: pass
+    --peak-tflops to get an MFU)."""
     if override_tflops:
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if all(part in name for part in key.split()):
-            return PEAK_BF16_TFLOPS[key] * 1e12
-    return None
+    product = gpu_product(torch.cuda.get_device_name(device))
+    return PEAK_BF16_TFLOPS[product] * 1e12 if product else None
+
+
+def peak_note(device: torch.device, override_tflops: float | None = None) -> str | None:
+    """A line for the log when a GPU's MFU cannot be reported (None when it can, or on a CPU)."""
+    if override_tflops or device.type != "cuda" or peak_flops(device) is not None:
+        return None
+    return (f"no MFU: {torch.cuda.get_device_name(device)!r} is not in geb's table of GPU peaks; pass "
+            "--peak-tflops X (its dense BF16 TFLOP/s from the data sheet) to log one")
 
 
 def apply_activation_checkpointing(model) -> None:
@@ -78,11 +116,25 @@ def compile_blocks(model) -> None:
         block.compile()
 
 
-def check_attention(impl: str, device: torch.device) -> None:
+def check_attention(impl: str, device: torch.device, amp_dtype: torch.dtype = torch.bfloat16, cfg=None) -> None:
+    """Refuse an attention kernel that cannot run with this device, autocast dtype and model, before
+    any kernel runs (FlashAttention: CUDA, compute capability 8.0+, BF16/FP16, head_dim a multiple of
+    8 up to 256)."""
     if impl not in ("sdpa", "sdpa-flash", "flash-attn"):
         raise GebError(f"attn must be sdpa, sdpa-flash or flash-attn, got {impl!r}")
-    if impl != "sdpa" and device.type != "cuda":
-        raise GebError(f"--attn {impl} needs a CUDA device (this run is on {device.type})")
+    if impl == "sdpa":
+        return
+    if device.type != "cuda":
+        raise GebError(f"--attn {impl} needs a CUDA device (this run is on {device.type}); use --attn sdpa")
+    if amp_dtype not in (torch.bfloat16, torch.float16):
+        raise GebError(f"--attn {impl} runs FlashAttention, which computes in BF16 or FP16 only, but this run "
+                       f"computes in {amp_dtype}; use --dtype bf16 (or --attn sdpa)")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise GebError(f"--attn {impl} needs a GPU of compute capability 8.0 or newer (Ampere, Hopper); "
+                       f"{torch.cuda.get_device_name(device)} is {major}.{minor}; use --attn sdpa")
+    if cfg is not None and (cfg.head_dim % 8 or cfg.head_dim > 256):
+        raise GebError(f"--attn {impl} needs head_dim a multiple of 8 and at most 256; the model's is {cfg.head_dim}")
     if impl == "flash-attn":
         try:
             import flash_attn  # noqa: F401
@@ -129,9 +181,9 @@ def attention_context(impl: str):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
 
 
-def prepare(model, c, device: torch.device) -> None:
+def prepare(model, c, device: torch.device, amp_dtype: torch.dtype) -> None:
     """Apply the throughput options of TrainConfig `c` to an unwrapped model, before DDP/FSDP."""
-    check_attention(c.attn, device)
+    check_attention(c.attn, device, amp_dtype, model.cfg)
     if device.type == "cuda":
         # FP32 matrix products that remain (outside autocast) may use TF32 tensor cores.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -150,6 +202,7 @@ class Meter:
     def __init__(self, cfg, seq_len: int | None, device: torch.device, world: int, peak_tflops: float | None):
         self.fpt = flops_per_token(cfg, seq_len)
         self.peak = peak_flops(device, peak_tflops)
+        self.note = peak_note(device, peak_tflops)
         self.device, self.world = device, world
         self.t0 = self._now()
         self.tokens = 0
@@ -177,5 +230,6 @@ class Meter:
         return out
 
 
-__all__ = ["flops_per_token", "peak_flops", "apply_activation_checkpointing", "compile_blocks",
-           "use_flash_attn_package", "attention_context", "prepare", "Meter", "PEAK_BF16_TFLOPS"]
+__all__ = ["flops_per_token", "peak_flops", "peak_note", "gpu_product", "check_attention",
+           "apply_activation_checkpointing", "compile_blocks", "use_flash_attn_package", "attention_context",
+           "prepare", "Meter", "PEAK_BF16_TFLOPS", "GPU_PRODUCTS"]

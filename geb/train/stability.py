@@ -148,34 +148,134 @@ class SkipWindows:
         return sum(b - a for a, b in merged)
 
 
-class Snapshot:
-    """An in-memory copy of the weights, optimizer state and loop state at one good step.
+# Rollback snapshots: where they live and how many exist at most (docs/training.md, "Snapshots").
+# host: in CPU memory (pinned on CUDA, filled by asynchronous copies), two of them, so a rollback can
+# go back at least snapshot_every/2 steps; device: one snapshot next to the weights on the device.
+SNAPSHOT_SLOTS = {"host": 2, "device": 1}
 
-    Tensors are cloned where they live (plain tensors, or DTensor shards under FSDP2: each rank keeps
-    its own shard, no communication). Restoring copies values back into the same parameter objects,
-    so DDP/FSDP wrappers and the optimizer's parameter references stay valid.
+
+def snapshot_memory(name: str) -> str:
+    """Resolve --snapshot-memory (auto = host)."""
+    if name not in ("auto", "host", "device"):
+        raise GebError(f"snapshot_memory must be auto, host or device, got {name!r}")
+    return "host" if name == "auto" else name
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of an FSDP2 DTensor (a view), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class Snapshot:
+    """Buffers for one good state (weights, AdamW state, loop state), allocated on first use and then
+    refilled in place, so taking a snapshot never allocates a second copy beside the one it replaces.
+
+    Each rank copies its own tensors (its shard under FSDP2: no communication). With `where="host"`
+    a CUDA tensor goes to pinned CPU memory by an asynchronous copy; `restore` waits for those copies
+    before using them. Restoring copies values back into the same parameter and optimizer-state
+    tensors, so DDP/FSDP wrappers and the optimizer's references stay valid.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, loop: dict):
+    def __init__(self, where: str):
+        self.where = where
+        self.params: list[torch.Tensor] = []
+        # per parameter: None (no optimizer state yet) or {key: buffer tensor, or a plain value}
+        self.opt: list[dict | None] = []
+        self._bufs: list[dict[str, torch.Tensor]] = []  # optimizer buffers, kept while state is None
+        self._where_from: list[dict[str, torch.device]] = []  # the device each optimizer tensor came from
+        self.loop: dict = {}
+        self._event = None
+
+    def _buffer(self, old: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+        if old is not None and old.shape == t.shape and old.dtype == t.dtype:
+            return old
+        if self.where == "host" and t.device.type == "cuda":
+            return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    def capture(self, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, loop: dict) -> "Snapshot":
+        self.wait()
+        if not self.params:
+            self._bufs, self._where_from = [{} for _ in params], [{} for _ in params]
+            self.opt = [None] * len(params)
         with torch.no_grad():
-            self.params = [p.detach().clone() for p in params]
-            self.opt = [{k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
-                        if p in opt.state else None for p in params]
+            self.params = [self._buffer(old, _local(p)) for old, p in
+                           zip(self.params or [None] * len(params), params)]
+            for buf, p in zip(self.params, params):
+                buf.copy_(_local(p), non_blocking=True)
+            for i, p in enumerate(params):
+                st = opt.state.get(p)
+                if not st:
+                    self.opt[i] = None
+                    continue
+                saved = {}
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        buf = self._bufs[i][k] = self._buffer(self._bufs[i].get(k), _local(v))
+                        buf.copy_(_local(v), non_blocking=True)
+                        self._where_from[i][k] = _local(v).device
+                        saved[k] = buf
+                    else:
+                        saved[k] = v
+                self.opt[i] = saved
         self.loop = dict(loop)
+        if _on_cuda(params):
+            self._event = torch.cuda.Event()
+            self._event.record()
+        return self
+
+    def wait(self) -> None:
+        """Block until the asynchronous copies into this snapshot's buffers have finished."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.params) + \
+            sum(t.numel() * t.element_size() for bufs in self._bufs for t in bufs.values())
 
     @property
     def step(self) -> int:
         return self.loop["step"]
 
     def restore(self, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer) -> dict:
+        self.wait()
         with torch.no_grad():
-            for p, saved, st in zip(params, self.params, self.opt):
-                p.copy_(saved)
+            for i, (p, saved, st) in enumerate(zip(params, self.params, self.opt)):
+                _local(p).copy_(saved, non_blocking=True)
                 if st is None:
                     opt.state.pop(p, None)
-                else:
-                    opt.state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                    continue
+                cur = opt.state.get(p)
+                if cur is None or set(cur) != set(st):
+                    cur = opt.state[p] = {}
+                for k, v in st.items():
+                    if not torch.is_tensor(v):
+                        cur[k] = v
+                    elif k in cur and torch.is_tensor(cur[k]) and _local(cur[k]).shape == v.shape:
+                        _local(cur[k]).copy_(v, non_blocking=True)
+                    else:  # no state tensor to copy into (state dropped since): rebuild one like p
+                        cur[k] = _rebuild(v, p, self._where_from[i][k])
+        if _on_cuda(params):
+            torch.cuda.current_stream().synchronize()  # the buffers may be refilled right after
         return dict(self.loop)
+
+
+def _on_cuda(params) -> bool:
+    return bool(params) and params[0].device.type == "cuda"
+
+
+def _rebuild(buf: torch.Tensor, like: torch.nn.Parameter, device: torch.device) -> torch.Tensor:
+    """A new optimizer-state tensor holding `buf` on the device it was captured from; one shaped like
+    the parameter becomes a DTensor sharded like it under FSDP2 (scalars such as AdamW's step stay
+    plain tensors)."""
+    local = buf.to(device, copy=True)
+    if hasattr(like, "to_local") and buf.dim() > 0:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
+                                  shape=like.shape, stride=like.stride())
+    return local
 
 
 class Stability:
@@ -204,7 +304,10 @@ class Stability:
         # The current spike episode: how many batches were replaced, and the first/last spiking cursors.
         self.retries = 0
         self.episode: list[int] | None = None
-        self.snapshots: list[Snapshot] = []
+        self.where = snapshot_memory(getattr(c, "snapshot_memory", "auto"))
+        self.slots = SNAPSHOT_SLOTS[self.where]
+        self.snapshots: list[Snapshot] = []  # live, oldest first
+        self._spare: list[Snapshot] = []  # released: their buffers are reused by the next snapshot
 
     # -- decisions ----------------------------------------------------------------------------------
     def judge(self, loss: float, grad_norm: float) -> bool:
@@ -255,7 +358,9 @@ class Stability:
         min_age = max(1, self.snapshot_every // 2)
         older = [s for s in self.snapshots if spike_step - s.step >= min_age]
         snap = older[-1] if older else self.snapshots[0]
-        self.snapshots = [s for s in self.snapshots if s.step <= snap.step]
+        keep = self.snapshots.index(snap) + 1
+        self._spare += self.snapshots[keep:]  # newer than the one restored: released
+        self.snapshots = self.snapshots[:keep]
         loop = snap.restore(params, opt)
         first, last = self.episode
         window = [max(loop["cursor"], first - self.skip_before), last + 1 + self.skip_after]
@@ -275,12 +380,23 @@ class Stability:
 
     # -- snapshots ----------------------------------------------------------------------------------
     def snapshot(self, params, opt, loop: dict, reset: bool = False) -> None:
-        """Keep the last two good states. `reset` (at a checkpoint save or a start) drops older ones, so
-        an uninterrupted run and one resumed from that checkpoint hold the same snapshots."""
+        """Keep the last good states, at most SNAPSHOT_SLOTS[where] of them. The oldest is released
+        (its buffers reused) before a new one is taken. `reset` (at a checkpoint save or a start)
+        drops older ones, so an uninterrupted run and one resumed from that checkpoint hold the same
+        snapshots."""
         if not self.rollback_on:
             return
-        snap = Snapshot(params, opt, {**loop, "detector": self.detector.state_dict()})
-        self.snapshots = [snap] if reset else (self.snapshots + [snap])[-2:]
+        if reset:
+            self._spare += self.snapshots
+            self.snapshots = []
+        elif len(self.snapshots) >= self.slots:
+            self._spare.append(self.snapshots.pop(0))
+        snap = self._spare.pop() if self._spare else Snapshot(self.where)
+        self.snapshots.append(snap.capture(params, opt, {**loop, "detector": self.detector.state_dict()}))
+
+    def snapshot_bytes(self) -> int:
+        """Memory held by snapshot buffers (live and released-for-reuse) on this rank."""
+        return sum(s.nbytes() for s in self.snapshots + self._spare)
 
     def due(self, step: int) -> bool:
         return self.rollback_on and step % self.snapshot_every == 0
@@ -302,4 +418,5 @@ class Stability:
                 "skip_windows": self.skips.windows, "skipped_iterations": self.skips.skipped()}
 
 
-__all__ = ["Resolved", "resolve", "SpikeDetector", "SkipWindows", "Snapshot", "Stability", "LARGE_RUN_PARAMS"]
+__all__ = ["Resolved", "resolve", "SpikeDetector", "SkipWindows", "Snapshot", "Stability", "LARGE_RUN_PARAMS",
+           "SNAPSHOT_SLOTS", "snapshot_memory"]
