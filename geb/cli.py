@@ -64,7 +64,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"geb {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a read-only folder, a missing file: one line, not a traceback
+        print(f"geb {args.command}: error: {os_error_message(e)}", file=sys.stderr)
+        return 1
     return int(rc or 0)
+
+
+_WRITE_ERRNOS = {"ENOSPC", "EROFS", "EDQUOT", "EFBIG", "EISDIR", "ENOTEMPTY", "EXDEV"}
+
+
+def os_error_message(e: OSError) -> str:
+    """'cannot write PATH: No space left on device' from an OSError (its errno's meaning, not its repr)."""
+    import errno
+    import os
+
+    meaning = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
+    if e.filename is None:
+        return meaning
+    path = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+    verb = "cannot write" if errno.errorcode.get(e.errno or 0) in _WRITE_ERRNOS else "cannot access"
+    return f"{verb} {path}: {meaning}"
 
 
 if __name__ == "__main__":

@@ -57,3 +57,20 @@ def engine_from_args(args):
 
     apply_threads(args)
     return Engine.from_folder(args.model, format=args.format), sampling_from_args(args)
+
+
+def add_force(p) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output that geb did not write (or of another kind): deleted, "
+                        "after saying what it holds (default: refuse)")
+
+
+def claim_output(path, kind: str, force: bool) -> None:
+    """Refuse (or, with --force, delete) an existing output that is not a geb artifact of `kind`,
+    before any work starts. Under torchrun only rank 0 looks: the others would race its deletion."""
+    import os
+
+    from geb.checkpoint import check_destination
+
+    if path is not None and os.environ.get("RANK", "0") == "0":
+        check_destination(path, kind, force=force)

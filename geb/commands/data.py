@@ -7,6 +7,8 @@ import sys
 
 
 def configure(p) -> None:
+    from geb.commands.common import add_force
+
     sub = p.add_subparsers(dest="data_command", metavar="<action>")
     r = sub.add_parser("run", help="raw files → cleaned text (OUT/text) → token shards (OUT/tokens, with --tokenizer) + report",
                        description="Clean, quality-filter and deduplicate every .jsonl/.json/.txt/.parquet file (plain, "
@@ -21,6 +23,7 @@ def configure(p) -> None:
                    help="override a setting, e.g. --set t2s=on --set pii.mode=remove --set read.txt_mode=line (repeatable)")
     r.add_argument("--config", default=None, help="JSON file of settings overrides ({\"rules\": {...}, \"read\": {...}})")
     r.add_argument("--restart", action="store_true", help="discard an earlier run in OUT and start over")
+    add_force(r)
     r.add_argument("--verbose", action="store_true", help="show datatrove's logs (default: OUT/work/logs/datatrove.log)")
     r.add_argument("--executor", choices=("local", "slurm"), default="local",
                    help="slurm: submit every stage as dependent sbatch array jobs, then re-run with --executor local "
@@ -35,6 +38,7 @@ def configure(p) -> None:
     k.add_argument("--output", required=True, help="token folder to write")
     k.add_argument("--val-fraction", type=float, default=0.01)
     k.add_argument("--seed", type=int, default=0)
+    add_force(k)
 
     ru = sub.add_parser("rules", help="list every rule with its default on/off and parameters")
     ru.add_argument("--json", action="store_true")
@@ -89,6 +93,10 @@ def run(args) -> int:
                 print(f"{r['rule']:<18} {r['stage']:<8} {'on ' if r['enabled'] else 'off'}  {r['help']}\n"
                       f"{'':<31}defaults: {params}")
         return 0
+    if cmd in ("pack", "run"):
+        from geb.commands.common import claim_output
+
+        claim_output(args.output, "tokens" if cmd == "pack" else "data", args.force)
     if cmd == "pack":
         from geb.data.pipeline import pack_text
 

@@ -22,14 +22,18 @@ def configure(p) -> None:
     g.add_argument("--embedding-type", default=None, choices=("f32", "f16", "bf16", "q8_0", "q4_0"),
                    help="format of token_embd (default: as --type)")
     g.add_argument("--name", default=None, help="general.name in the file (default: the folder's name)")
+    from geb.commands.common import add_force
+
     for q in (h, g):
+        add_force(q)
         q.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
 
 
 def run(args) -> int:
-    from geb.commands.common import apply_threads
+    from geb.commands.common import apply_threads, claim_output
 
     apply_threads(args)
+    claim_output(args.out, "gguf" if args.format == "gguf" else "hf", args.force)
     if args.format == "gguf":
         from geb.export.gguf import export_gguf
 

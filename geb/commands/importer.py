@@ -38,15 +38,19 @@ def configure(p) -> None:
     f = sub.add_parser("gguf", help="a llama-architecture GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 ...)")
     f.add_argument("path")
     f.add_argument("--out", required=True)
+    from geb.commands.common import add_force
+
     for q in (g, h, f):
+        add_force(q)
         q.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
 
 
 def run(args) -> int:
-    from geb.commands.common import apply_threads
+    from geb.commands.common import apply_threads, claim_output
     from geb.errors import GebError
 
     apply_threads(args)
+    claim_output(args.out, "model", args.force)
     if args.format == "gguf":
         from geb.export.gguf import import_gguf
 

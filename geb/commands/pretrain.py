@@ -6,7 +6,7 @@ Also runs under torchrun (`torchrun --nproc-per-node N -m geb pretrain ...`) wit
 
 from __future__ import annotations
 
-from geb.commands.common import add_threads
+from geb.commands.common import add_force, add_threads, claim_output
 
 # Settings a resumed run may change: they alter speed, length or logging, not the math of a step.
 _RESUME_KEYS = ("steps", "eval_every", "save_every", "log_every", "device", "parallel", "compile",
@@ -81,7 +81,10 @@ def configure(p) -> None:
                    "PyTorch picks FlashAttention-2 on CUDA; sdpa-flash insists on it; flash-attn: the package)")
     h.add_argument("--peak-tflops", type=float, help="per-device dense BF16 peak for the MFU log (default: the "
                    "GPUs in geb's table; others log no MFU until given this)")
+    p.add_argument("--verify-data", action="store_true", help="check the full SHA-256 of every token shard "
+                   "before training (opening always checks sizes and a sampled hash)")
     p.add_argument("--quiet", action="store_true")
+    add_force(p)
     add_threads(p)
 
 
@@ -111,10 +114,17 @@ def run(args) -> int:
     from geb.train.pretrain import run_pretrain
 
     if args.consolidate:
+        claim_output(args.out, "model", args.force)
         print(f"wrote {dist.consolidate(args.consolidate, args.out)}")
         return 0
     if not args.data:
         raise GebError("give --data DIR (the token folder)")
+    if args.verify_data:
+        from geb.data.tokens import TokenData
+
+        TokenData(args.data, verify=True)
+    if not args.resume:
+        claim_output(args.out, "model", args.force)
     _threads(args)
     given = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k) is not None}
     if args.global_batch is not None:

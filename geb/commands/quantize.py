@@ -4,24 +4,26 @@ from __future__ import annotations
 
 
 def configure(p) -> None:
-    from geb.commands.common import add_threads
+    from geb.commands.common import add_force, add_threads
 
     p.add_argument("--model", required=True, help="full-precision model folder")
     p.add_argument("--format", required=True, choices=["bf16", "int8", "int4"])
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--eval-text", help="optional held-out text file: print perplexity vs fp32")
+    add_force(p)
     add_threads(p)
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from geb.commands.common import apply_threads
+    from geb.commands.common import apply_threads, claim_output
     from geb.errors import GebError
     from geb.infer.weights import load_runtime, quantize_folder
 
     apply_threads(args)
+    claim_output(args.out, "model", args.force)
     out = quantize_folder(args.model, args.out, args.format, args.group_size)
     rt, tok, meta = load_runtime(out)
     print(f"wrote {out} ({args.format}, {rt.weight_bytes / 2**20:.1f} MiB of weights)")

@@ -5,7 +5,7 @@ Also holds the training-option helpers that `geb dpo` shares.
 
 from __future__ import annotations
 
-from geb.commands.common import add_threads, apply_threads
+from geb.commands.common import add_force, add_threads, apply_threads, claim_output
 
 _TRAIN_KEYS = ("batch_size", "grad_accum", "lr", "min_lr", "decay_steps", "weight_decay", "grad_clip", "dtype",
                "device", "seed", "eval_every", "eval_batches", "save_every", "log_every")
@@ -48,6 +48,7 @@ def add_train_args(p, *, lr: float, min_lr: float, batch_size: int, epochs: floa
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--quiet", action="store_true")
+    add_force(p)
     p.set_defaults(_default_epochs=epochs)
     add_threads(p)
 
@@ -61,6 +62,7 @@ def stage_kwargs(args) -> dict:
         return {"resume": True, "overrides": {"steps": args.steps} if args.steps else None}
     if not args.out:
         raise GebError("give --out DIR (or --resume DIR)")
+    claim_output(args.out, "model", args.force)
     c = TrainConfig(steps=args.steps or 1, warmup_steps=args.warmup_steps or 0,
                     **{k: getattr(args, k) for k in _TRAIN_KEYS})
     epochs = None if args.steps else (args.epochs if args.epochs is not None else args._default_epochs)

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geb.data import settings as S
-from geb.data.steps import Meter, atomic_dir, write_json_atomic
+from geb.checkpoint import AtomicFolder, check_destination
+from geb.data.steps import Meter, write_json_atomic
 from geb.errors import GebError
 
 TEXT_FORMAT = "geb-text-v1"
@@ -196,6 +197,11 @@ def run_stages(stages: list[Stage], logs: Path, workers: int = 1, quiet: bool = 
         with _stderr_to(logs / "datatrove.log" if quiet else None):
             ex.run()
         times[st.name] = time.perf_counter() - t0
+        if st.output and not any(f.stat().st_size for f in Path(st.output).glob("*.jsonl")):
+            # nothing left to deduplicate: datatrove's readers would fail on the empty folder
+            if progress:
+                progress(f"stage {st.name} kept no document; the later stages are skipped")
+            break
     return times
 
 
@@ -217,7 +223,7 @@ def _publish_text(src: Path, L: Layout, meta: dict) -> dict:
     files = sorted(src.glob("*.jsonl")) if src.is_dir() else []
     docs = chars = 0
     h = hashlib.sha256()
-    with atomic_dir(L.text) as tmp:
+    with AtomicFolder(L.text) as tmp:
         names = []
         for i, f in enumerate(files):
             name = f"text_{i:05d}.jsonl.gz"
@@ -283,6 +289,7 @@ def prepare_run(input_dir: str | Path, output_dir: str | Path, overrides: dict |
     L = Layout(output_dir)
     if L.out.resolve() == root.resolve() or root.resolve() in L.out.resolve().parents:
         raise GebError(f"{L.out}: the output folder must not be inside the input folder {root}")
+    check_destination(L.out, "data")
     files = [str(p.relative_to(root)) for p in list_inputs(root)]
     fingerprint = input_fingerprint(root, files)
     tasks = max(1, min(len(files), tasks or max(4, workers)))
@@ -403,7 +410,7 @@ def pack_text(text_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Pa
     val = {i for s, i in scores if s < val_fraction} if val_texts is None else set()
     if val_texts is None and not val and val_fraction > 0 and len(scores) >= 2:
         val = {min(scores)[1]}
-    with atomic_dir(out_dir) as tmp:
+    with AtomicFolder(out_dir, kind="tokens") as tmp:
         w = TokenWriter(tmp, vocab_size=tok.vocab_size, eos_id=tok.eos_id, shard_tokens=shard_tokens,
                         extra_meta={"stage": "data-pack", **want, "tokenizer": str(Path(tokenizer_dir).resolve())})
         for doc_id, text in iter_docs(text_dir):

@@ -1,4 +1,6 @@
-"""Reading already-clean text and packing it into token shards (no cleaning: see the pipeline)."""
+"""Reading already-clean text and packing it into token shards (no cleaning: see the pipeline).
+
+The token folder is written under a temporary name and renamed when complete."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from geb.checkpoint import AtomicFolder
 from geb.data.tokens import TokenWriter
 from geb.errors import GebError
 
@@ -47,10 +50,14 @@ def pack_texts(docs: list[str], tokenizer, out: str | Path, val_fraction: float 
         val_set = set(order[:n_val].tolist())
         val_docs = [docs[i] for i in sorted(val_set)]
         docs = [docs[i] for i in range(len(docs)) if i not in val_set]
-    w = TokenWriter(out, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                    extra_meta={"tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,
-                                "tokenizer_hash": tokenizer.hash()})
-    for split, items in (("train", docs), ("val", val_docs)):
-        for ids in tokenizer.encode_batch(items):
-            w.add(ids, split)
-    return w.close()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with AtomicFolder(out, kind="tokens") as tmp:
+        w = TokenWriter(tmp, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+                        extra_meta={"tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,
+                                    "tokenizer_hash": tokenizer.hash()})
+        for split, items in (("train", docs), ("val", val_docs)):
+            for ids in tokenizer.encode_batch(items):
+                w.add(ids, split)
+        meta = w.close()
+    return meta

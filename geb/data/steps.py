@@ -9,10 +9,8 @@ counting around them. The report (report.py) merges these files over ranks.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -38,28 +36,6 @@ def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1))
     os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | Path):
-    """Yield a temporary sibling folder that replaces `final` only when the block succeeds.
-
-    (geb.checkpoint.AtomicFolder does the same but importing it pulls in torch, which the data
-    pipeline does not otherwise need.)"""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class Acc:

@@ -1,9 +1,14 @@
 """Packed token shards: the memory-mapped format that `geb pretrain` reads and the data pipeline writes.
 
 A token folder holds raw little-endian arrays (`<split>_<NNNNN>.bin`, uint16 when the vocabulary fits,
-else uint32) and a `meta.json` listing every finished shard with its token count and SHA-256. A shard
-is written to a temporary name and renamed, and meta.json last, so an interrupted writer never
-leaves a shard that looks finished. Documents are separated by the tokenizer's end-of-document id.
+else uint32) and a `meta.json` listing every finished shard with its token count, SHA-256 and a
+sampled SHA-256 (`sample_sha256`: the size and SAMPLE_BLOCKS fixed blocks of SAMPLE_BYTES; the whole
+file when it is smaller than that). A shard is written to a temporary name and renamed, and meta.json
+last, so an interrupted writer never leaves a shard that looks finished. Documents are separated by
+the tokenizer's end-of-document id.
+
+Opening a folder checks every shard's size and sampled hash (milliseconds, whatever the size);
+`verify=True` (`geb pretrain --verify-data`) checks the full SHA-256 of every byte.
 """
 
 from __future__ import annotations
@@ -18,6 +23,21 @@ import numpy as np
 from geb.errors import GebError
 
 FORMAT = "geb-tokens-v1"
+SAMPLE_BLOCKS, SAMPLE_BYTES = 16, 1 << 16
+
+
+def sample_sha256(buf) -> str:
+    """SHA-256 of the length and SAMPLE_BLOCKS evenly spaced blocks (first and last included) of `buf`."""
+    mv = memoryview(buf).cast("B")
+    n = len(mv)
+    h = hashlib.sha256(n.to_bytes(8, "little"))
+    if n <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+        h.update(mv)
+    else:
+        for i in range(SAMPLE_BLOCKS):
+            off = i * (n - SAMPLE_BYTES) // (SAMPLE_BLOCKS - 1)
+            h.update(mv[off : off + SAMPLE_BYTES])
+    return h.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -59,10 +79,12 @@ class TokenWriter:
         n = len(self.shards.setdefault(split, []))
         name = f"{split}_{n:05d}.bin"
         tmp = self.folder / f".{name}.tmp"
-        data.tofile(tmp)
+        with open(tmp, "wb") as f:  # not ndarray.tofile: its short-write error carries no errno
+            f.write(memoryview(data).cast("B"))
         os.replace(tmp, self.folder / name)
         self.shards[split].append({"file": name, "tokens": int(data.size),
-                                   "sha256": hashlib.sha256(data.tobytes()).hexdigest()})
+                                   "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+                                   "sample_sha256": sample_sha256(data)})
 
     def close(self) -> dict:
         for split in list(self._buf):
@@ -89,25 +111,38 @@ class TokenData:
             self.meta = json.loads(mf.read_text())
         except json.JSONDecodeError as e:
             raise GebError(f"{mf}: not valid JSON ({e})") from None
-        if self.meta.get("format") != FORMAT:
-            raise GebError(f"{mf}: unknown format {self.meta.get('format')!r} (expected {FORMAT})")
-        self.dtype = np.dtype(self.meta["dtype"])
-        self.vocab_size = int(self.meta["vocab_size"])
-        self.eos_id = int(self.meta["eos_id"])
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            got = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
+            raise GebError(f"{mf}: unknown format {got!r} (expected {FORMAT})")
+        try:
+            self.dtype = np.dtype(self.meta["dtype"])
+            self.vocab_size = int(self.meta["vocab_size"])
+            self.eos_id = int(self.meta["eos_id"])
+            listed = {sp: [(str(s["file"]), int(s["tokens"]), s) for s in shards]
+                      for sp, shards in self.meta["shards"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise GebError(f"{mf}: malformed ({type(e).__name__}: {e})") from None
         self.data_hash = self.meta.get("data_hash", "")
         self._arrays: dict[str, list[np.memmap]] = {}
-        for split, shards in self.meta["shards"].items():
+        for split, shards in listed.items():
             arrs = []
-            for s in shards:
-                f = self.folder / s["file"]
+            for name, tokens, s in shards:
+                f = self.folder / name
                 if not f.is_file():
                     raise GebError(f"{f}: shard listed in meta.json is missing")
                 size = f.stat().st_size
-                if size != s["tokens"] * self.dtype.itemsize:
-                    raise GebError(f"{f}: size {size} bytes does not match {s['tokens']} tokens in meta.json (truncated?)")
-                arr = np.memmap(f, dtype=self.dtype, mode="r")
-                if verify and hashlib.sha256(arr.tobytes()).hexdigest() != s["sha256"]:
-                    raise GebError(f"{f}: checksum mismatch")
+                if size != tokens * self.dtype.itemsize:
+                    raise GebError(f"{f}: size {size} bytes does not match {tokens} tokens in meta.json (truncated?)")
+                arr = np.memmap(f, dtype=self.dtype, mode="r") if size else np.zeros(0, self.dtype)
+                if verify:
+                    with open(f, "rb") as fh:
+                        ok = hashlib.file_digest(fh, "sha256").hexdigest() == s["sha256"]
+                    if not ok:
+                        raise GebError(f"{f}: SHA-256 differs from meta.json (the shard is corrupt; rebuild the "
+                                       "token folder)")
+                elif s.get("sample_sha256") and sample_sha256(arr) != s["sample_sha256"]:
+                    raise GebError(f"{f}: sampled SHA-256 differs from meta.json (the shard is corrupt; rebuild "
+                                   "the token folder)")
                 arrs.append(arr)
             self._arrays[split] = arrs
 

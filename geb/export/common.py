@@ -27,7 +27,7 @@ class GebFolder:
         from geb.checkpoint import CONFIG, WEIGHTS, check_folder, read_meta
 
         self.folder = check_folder(folder)
-        raw = json.loads((self.folder / CONFIG).read_text())
+        raw = read_json(self.folder / CONFIG, "model config")
         if raw.get("quantization"):
             raise GebError(f"{self.folder}: a quantized geb checkpoint ({raw['quantization'].get('format')}); "
                            "export the full-precision folder it was made from")

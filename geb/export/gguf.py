@@ -16,6 +16,7 @@ Choices (see docs/interop.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geb.checkpoint import check_destination, with_path
 from geb.errors import GebError
 from geb.export.common import GebFolder, half_to_interleaved
 
@@ -288,6 +290,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f32", 
     out_path = Path(out_path)
     if out_path.is_dir():
         raise GebError(f"{out_path}: is a folder; give the .gguf file to write")
+    check_destination(out_path, "gguf")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
 
@@ -339,9 +342,12 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f32", 
                 log(f"{gname}: {k}")
         writer.close()
         os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
+            writer.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise with_path(e, out_path, tmp) from None
         raise
     finally:
         torch.set_num_threads(threads)

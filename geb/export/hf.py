@@ -109,7 +109,7 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "float32") ->
            "repetition_penalty": 1.05}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with AtomicFolder(out) as tmp:
+    with AtomicFolder(out, kind="hf") as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

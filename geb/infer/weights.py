@@ -268,7 +268,7 @@ def save_quantized(out: str | Path, rt: Runtime, tokenizer, meta: dict) -> Path:
          "embedding_format": rt.info.get("embedding_format", default_side_formats(rt.fmt)[0]),
          "head_format": rt.info.get("head_format", default_side_formats(rt.fmt)[1])}
     sd = {k: v.contiguous() for k, v in rt.state().items()}
-    with AtomicFolder(out) as tmp:
+    with AtomicFolder(out, kind="model") as tmp:
         write_aligned_safetensors(tmp / WEIGHTS, sd, {"format": "pt", "geb_quantization": rt.fmt})
         (tmp / CONFIG).write_text(json.dumps({**rt.cfg.to_dict(), "quantization": q}, indent=2) + "\n")
         tokenizer.save(tmp)

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
-from geb.checkpoint import CONFIG, META, WEIGHTS, save_checkpoint
+from geb.checkpoint import CONFIG, META, WEIGHTS, check_destination, save_checkpoint, with_path
 from geb.errors import GebError
 
 DCP_DIR = "dcp"
@@ -245,16 +246,25 @@ def save_training_checkpoint(folder: str | Path, module, opt, env: DistEnv, toke
     folder = Path(folder)
     stage = folder.with_name(f".{folder.name}.stage")
     weights = full_weights(module, env) if env.active else None
-    if env.main:
-        if stage.exists():
-            shutil.rmtree(stage)
-        save_checkpoint(stage, unwrap(module), tokenizer, meta, train_state=train_state, state_dict=weights,
-                        extra_files=extra_files)
-    barrier(env)
-    msd, osd = get_state_dict(module, opt)
-    with _quiet_dcp():
-        dcp_save({"model": msd, "optim": osd}, checkpoint_id=str(stage / DCP_DIR))
-    barrier(env)
+    try:
+        if env.main:
+            check_destination(folder, "model")  # never replace a folder geb did not write
+            if stage.exists():
+                shutil.rmtree(stage)
+            save_checkpoint(stage, unwrap(module), tokenizer, meta, train_state=train_state, state_dict=weights,
+                            extra_files=extra_files)
+        barrier(env)
+        msd, osd = get_state_dict(module, opt)
+        with _quiet_dcp():
+            dcp_save({"model": msd, "optim": osd}, checkpoint_id=str(stage / DCP_DIR))
+        barrier(env)
+    except BaseException as e:
+        if env.main:  # the previous checkpoint stays; the half-written stage goes
+            shutil.rmtree(stage, ignore_errors=True)
+        os_err = e if isinstance(e, OSError) else _os_error_in(e)
+        if os_err is not None:
+            raise with_path(os_err, folder, stage) from None
+        raise
     if env.main:
         old = folder.with_name(f".{folder.name}.old")
         if old.exists():
@@ -265,6 +275,33 @@ def save_training_checkpoint(folder: str | Path, module, opt, env: DistEnv, toke
         shutil.rmtree(old, ignore_errors=True)
     barrier(env)
     return folder
+
+
+def _dcp_reason(e: BaseException) -> str:
+    """One line for a DCP failure: the first rank's own error, not CheckpointException's rank list."""
+    failures = getattr(e, "failures", None) or {}
+    for v in failures.values():
+        e = v[0] if isinstance(v, tuple) else v
+        break
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind DCP's CheckpointException (it wraps each rank's failure), if any."""
+    seen = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if id(x) in seen or x is None:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError):
+            return x
+        todo += [x.__cause__, x.__context__]
+        for v in (getattr(x, "failures", None) or {}).values():
+            todo.append(v[0] if isinstance(v, tuple) else v)
+    return None
 
 
 def recover_folder(folder: str | Path) -> None:
@@ -296,8 +333,9 @@ def load_training_state(folder: str | Path, module, opt) -> None:
     try:
         with _quiet_dcp():
             dcp_load(state, checkpoint_id=str(Path(folder) / DCP_DIR))
-    except Exception as e:  # DCP raises CheckpointException with per-rank details
-        raise GebError(f"{folder}/{DCP_DIR}: cannot load the sharded training state ({str(e).splitlines()[0]})") from None
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise GebError(f"{folder}/{DCP_DIR}: cannot load the sharded training state ({_dcp_reason(e)}); "
+                       "a shard may be truncated or corrupt") from None
     set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -322,8 +360,8 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
     try:
         with _quiet_dcp():
             dcp_load({"model": sd}, checkpoint_id=str(folder / DCP_DIR))
-    except Exception as e:
-        raise GebError(f"{folder}/{DCP_DIR}: cannot read the model shards ({str(e).splitlines()[0]})") from None
+    except (Exception, CheckpointException) as e:
+        raise GebError(f"{folder}/{DCP_DIR}: cannot read the model shards ({_dcp_reason(e)})") from None
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     sd = {k: v.contiguous() for k, v in sd.items()}
@@ -333,7 +371,7 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
         os.replace(tmp, folder / WEIGHTS)
         return folder / WEIGHTS
     out = Path(out)
-    with AtomicFolder(out) as tmp:
+    with AtomicFolder(out, kind="model") as tmp:
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
         for f in folder.iterdir():
             if f.is_file() and f.suffix == ".json" and f.name != "metrics.jsonl":
