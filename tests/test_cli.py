@@ -37,11 +37,26 @@ def test_errors_are_one_line(capsys, tmp_path):
 
 
 def test_generate_and_chat_subprocess(geb_cli, tiny_model_dir):
+    """`generate` prints the prompt, then the model's greedy continuation; `chat` answers each line with
+    the model's reply to the conversation so far, and /reset starts a new one."""
+    from geb.infer.engine import Engine
+    from geb.infer.sampling import SamplingParams
+
+    eng = Engine.from_folder(tiny_model_dir)
+    greedy = SamplingParams(max_new_tokens=5, temperature=0)  # --greedy with the CLI's other defaults
+    want = eng.generate("北京", greedy).text
+    assert want.strip()  # else the comparison below could not tell output from the echoed prompt
     p = geb_cli("generate", "北京", "--model", tiny_model_dir, "--greedy", "--max-new-tokens", "5")
-    assert p.stdout.startswith("北京")
+    assert p.stdout == "北京" + want + "\n"
+    greedy = SamplingParams(max_new_tokens=4, temperature=0)
+    hello = eng.chat([{"role": "user", "content": "hello"}], greedy).text
+    nihao = eng.chat([{"role": "user", "content": "你好"}], greedy).text
+    after_hello = eng.chat([{"role": "user", "content": "hello"}, {"role": "assistant", "content": hello},
+                            {"role": "user", "content": "你好"}], greedy).text
+    assert nihao != after_hello  # so the second reply shows whether /reset dropped the first turn
     p = geb_cli("chat", "--model", tiny_model_dir, "--greedy", "--max-new-tokens", "4",
                 input="hello\n/reset\n你好\n/quit\n")
-    assert p.stdout.count("geb> ") == 2
+    assert p.stdout == f"geb> {hello}\ngeb> {nihao}\n"
 
 
 def test_prompt_longer_than_context(geb_cli, tiny_model_dir):

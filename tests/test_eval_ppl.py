@@ -122,4 +122,10 @@ def test_bad_input(tmp_path, model_dir, capsys):
     (tmp_path / "ok.txt").write_text("Water boils at 100 degrees.")
     assert main(["eval", "ppl", "--model", str(model_dir), "--data", str(tmp_path / "ok.txt"), "--threads", "1"]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert got["tokens"] > 0 and got["perplexity"] > 1 and got["bits_per_byte"] > 0
+    # the CLI prints the library's figures for the same file, and they agree with each other
+    ref = perplexity(model_dir, tmp_path / "ok.txt")
+    for k in ("tokens", "bytes", "perplexity", "bits_per_byte", "nll_per_token"):
+        assert got[k] == ref[k], k
+    assert got["bytes"] == len("Water boils at 100 degrees.".encode())
+    assert got["perplexity"] == pytest.approx(math.exp(got["nll_per_token"]))
+    assert got["bits_per_byte"] == pytest.approx(got["nll_per_token"] * got["tokens"] / (got["bytes"] * math.log(2)))

@@ -1,6 +1,7 @@
-"""`geb import geb`: a tiny checkpoint written here in the released GEB-1.3B layout (Megatron/ChatGLM names,
-BF16 shards + index, a SentencePiece model trained here) imports with the right math, and --verify finds
-the layout it was written in."""
+"""`geb import geb`: tiny checkpoints written here in the released GEB-1.3B layout (Megatron/ChatGLM names,
+BF16 shards + index, a SentencePiece model trained here) import with the right math in every layout
+variant the importer accepts, and --verify finds the layout a trained model was written in, keeps the
+conventions it is given, and refuses when the answer is not clear."""
 
 from __future__ import annotations
 
@@ -36,47 +37,67 @@ def _perm_from_half(heads: int, hd: int, rope: str) -> torch.Tensor:
 
 
 def write_release(folder, model, sp_bytes, *, kv_order="interleaved", mlp_order="gate-up", rope="half",
-                  shards=2, untie=True):
+                  shards=2, output="untied", fused=False, legacy_names=False, wrapper=False, config=None):
+    """Save `model` in the release layout. output: "untied" (an output layer, config says untied), "tied"
+    (none, config says tied) or "missing" (none, config silent). fused: one query_key_value tensor.
+    legacy_names: `transformer.layers.N.`, `transformer.word_embeddings`, `transformer.final_layernorm`.
+    wrapper: one pytorch_model.bin holding {"model": state_dict, "iteration": 7}. config: fields to add
+    to config.json (None deletes one)."""
     c = model.cfg
     hd = c.head_dim
-    sd = {"transformer.embedding.word_embeddings.weight": model.tok_emb.weight}
+    layers = "transformer.layers." if legacy_names else "transformer.encoder.layers."
+    emb = "transformer.word_embeddings.weight" if legacy_names else "transformer.embedding.word_embeddings.weight"
+    sd = {emb: model.tok_emb.weight}
     for i, blk in enumerate(model.layers):
-        p = f"transformer.encoder.layers.{i}."
+        p = f"{layers}{i}."
         wk = blk.attn.wk.weight[_perm_from_half(c.n_kv_head, hd, rope)]
         wv = blk.attn.wv.weight
         if kv_order == "interleaved":
             kv = torch.cat([torch.cat([wk[h * hd:(h + 1) * hd], wv[h * hd:(h + 1) * hd]]) for h in range(c.n_kv_head)])
         else:
             kv = torch.cat([wk, wv])
+        q = blk.attn.wq.weight[_perm_from_half(c.n_head, hd, rope)]
+        if fused:
+            sd[p + "self_attention.query_key_value.weight"] = torch.cat([q, kv])
+        else:
+            sd[p + "self_attention.query.weight"] = q
+            sd[p + "self_attention.key_value.weight"] = kv
         gate, up = blk.ffn.w_gate.weight, blk.ffn.w_up.weight
         sd.update({
             p + "input_layernorm.weight": blk.attn_norm.weight,
-            p + "self_attention.query.weight": blk.attn.wq.weight[_perm_from_half(c.n_head, hd, rope)],
-            p + "self_attention.key_value.weight": kv,
             p + "self_attention.dense.weight": blk.attn.wo.weight,
             p + "post_attention_layernorm.weight": blk.ffn_norm.weight,
             p + "mlp.dense_h_to_4h.weight": torch.cat([gate, up] if mlp_order == "gate-up" else [up, gate]),
             p + "mlp.dense_4h_to_h.weight": blk.ffn.w_down.weight,
         })
-    sd["transformer.encoder.final_layernorm.weight"] = model.norm.weight
-    sd["transformer.output_layer.weight"] = model.lm_head.weight
+    sd["transformer.final_layernorm.weight" if legacy_names else "transformer.encoder.final_layernorm.weight"] = \
+        model.norm.weight
+    if output == "untied":
+        sd["transformer.output_layer.weight"] = model.lm_head.weight
     sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in sd.items()}
     folder.mkdir(parents=True)
-    names = list(sd)
-    wm = {}
-    for s in range(shards):
-        part = names[s::shards]
-        fname = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
-        torch.save({k: sd[k] for k in part}, folder / fname)
-        wm.update({k: fname for k in part})
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
-    (folder / "config.json").write_text(json.dumps({
+    if wrapper:
+        torch.save({"model": sd, "iteration": 7}, folder / "pytorch_model.bin")
+    else:
+        names = list(sd)
+        wm = {}
+        for s in range(shards):
+            part = names[s::shards]
+            fname = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
+            torch.save({k: sd[k] for k in part}, folder / fname)
+            wm.update({k: fname for k in part})
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    cfg = {
         "num_layers": c.n_layer, "padded_vocab_size": c.vocab_size, "hidden_size": c.d_model,
         "ffn_hidden_size": c.ffn_hidden, "kv_channels": hd, "num_attention_heads": c.n_head,
         "num_key_value_heads": c.n_kv_head, "layernorm_epsilon": c.norm_eps, "seq_length": c.max_seq_len,
-        "add_bias_linear": False, "add_qkv_bias": False, "rmsnorm": True, "untie_embeddings_and_output_weights": untie,
-        "torch_dtype": "bfloat16",
-    }))
+        "add_bias_linear": False, "add_qkv_bias": False, "rmsnorm": True, "torch_dtype": "bfloat16",
+    }
+    if output != "missing":
+        cfg["untie_embeddings_and_output_weights"] = output == "untied"
+    for k, v in (config or {}).items():
+        cfg.pop(k) if v is None else cfg.__setitem__(k, v)
+    (folder / "config.json").write_text(json.dumps(cfg))
     (folder / "tokenizer.model").write_bytes(sp_bytes)
     return sd
 
@@ -111,34 +132,48 @@ def release_cfg(sp_model):
     return get_preset("geb-test").replace(vocab_size=pad_vocab(n), ffn_hidden=96)
 
 
-@pytest.fixture(scope="module")
-def trained(sp_model, release_cfg):
-    """A tiny model that has learned the --verify text, with ChatGLM-style partial RoPE."""
+def _train(cfg, sp_model, steps=120):
+    """A tiny model that has learned the --verify text (so only its true layout reads it well).
+
+    It starts from weights 12x geb's initial ones (std 0.24): pre-activations of order 1, as in a real
+    trained model, so SiLU and attention are far from linear. From geb's small initial weights a model
+    that learns the text by heart stays nearly linear, and swapping gate and up, or one RoPE variant for
+    another, gives nearly the same function: no layout would then be clearly better than the next."""
     from geb.export.geb_release import VERIFY_TEXT
     from geb.model import GEB
 
     sp = spm.SentencePieceProcessor(model_proto=sp_model)
     ids = torch.tensor(sp.encode(VERIFY_TEXT))
-    cfg = release_cfg.replace(rope_dims=release_cfg.head_dim // 2)
     torch.manual_seed(0)
     model = GEB(cfg)
     model.init_weights(seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(12)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
-    # One thread: tiny ops, where a second OpenMP worker only spins (20x slower on a busy 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(120):
-            starts = torch.randint(0, len(ids) - 65, (8,), generator=g)
-            batch = torch.stack([ids[s:s + 65] for s in starts])
-            loss = model(batch[:, :-1], batch[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(steps):  # one torch thread (the module's one_torch_thread fixture)
+        starts = torch.randint(0, len(ids) - 65, (8,), generator=g)
+        batch = torch.stack([ids[s:s + 65] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     return _bf16_round(model.eval())
+
+
+@pytest.fixture(scope="module")
+def trained(sp_model, release_cfg):
+    """Learned the --verify text, with ChatGLM-style partial RoPE and 2 KV heads."""
+    return _train(release_cfg.replace(rope_dims=release_cfg.head_dim // 2), sp_model)
+
+
+@pytest.fixture(scope="module")
+def trained_mqa(sp_model, release_cfg):
+    """Learned the --verify text, RoPE over the whole head and one KV head (multi-query attention): with
+    one KV head both key_value orders are the same tensor, so --verify cannot tell them apart."""
+    return _train(release_cfg.replace(n_kv_head=1), sp_model)
 
 
 def _logits(model, ids):
@@ -200,25 +235,169 @@ def test_tokenizer_matches_sentencepiece_and_carries_specials(tmp_path, sp_model
     assert torch.allclose(_logits(model.float(), ids), _logits(trained, ids), atol=1e-4)
 
 
+# Each variant: (write_release keywords, the model's config changes, Conventions, the rope_base expected).
+VARIANTS = {
+    "rope-interleaved": (dict(rope="interleaved", kv_order="split"), {}, ("split", "gate-up", "interleaved"), 1e4),
+    "fused-query_key_value": (dict(fused=True, rope="chatglm"), {"rope_dims": 8}, ("interleaved", "gate-up", "chatglm"), 1e4),
+    "legacy-transformer.layers": (dict(legacy_names=True, mlp_order="up-gate"), {}, ("interleaved", "up-gate", "half"), 1e4),
+    "model-wrapper": (dict(wrapper=True), {}, ("interleaved", "gate-up", "half"), 1e4),
+    "tied-output": (dict(output="tied"), {"tie_embeddings": True}, ("interleaved", "gate-up", "half"), 1e4),
+    "missing-output": (dict(output="missing"), {"tie_embeddings": True}, ("interleaved", "gate-up", "half"), 1e4),
+    "rope_ratio": (dict(config={"rope_ratio": 50}), {"rope_base": 5e5}, ("interleaved", "gate-up", "half"), 5e5),
+    "rotary_base": (dict(config={"rotary_base": 2e4}), {"rope_base": 2e4}, ("interleaved", "gate-up", "half"), 2e4),
+    "rope_theta-and-ratio": (dict(config={"rope_theta": 2e4, "rope_ratio": 3}), {"rope_base": 6e4},
+                             ("interleaved", "gate-up", "half"), 6e4),
+    "multi_query_group_num": (dict(config={"num_key_value_heads": None, "multi_query_group_num": 1}),
+                              {"n_kv_head": 1}, ("split", "gate-up", "half"), 1e4),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_mapping_math_for_each_layout_variant(tmp_path, sp_model, release_cfg, variant):
+    """Every branch of the reader: written here in that variant, imported with the true conventions, the
+    model gives the original's logits and the config the original's shape (tied, rope base, KV heads)."""
+    from geb.checkpoint import load_model
+    from geb.export.geb_release import Conventions, import_geb_release
+    from geb.model import GEB
+
+    kw, changes, conv, base = VARIANTS[variant]
+    model = GEB(release_cfg.replace(**changes))
+    model.init_weights(seed=2)
+    with torch.no_grad():
+        for blk in model.layers:
+            blk.attn_norm.weight.uniform_(0.5, 1.5)
+    _bf16_round(model)
+    sd = write_release(tmp_path / "rel", model, sp_model, **kw)
+    assert ("transformer.output_layer.weight" in sd) == (kw.get("output", "untied") == "untied")
+    import_geb_release(tmp_path / "rel", tmp_path / "geb", Conventions(*conv), dtype="float32")
+    back, tok, meta = load_model(tmp_path / "geb")
+    c = model.cfg
+    assert (back.cfg.tie_embeddings, back.cfg.n_kv_head, back.cfg.rope_base, back.cfg.rope_dims) == \
+        (c.tie_embeddings, c.n_kv_head, base, c.rope_dims)
+    assert meta["conventions"] == dict(zip(("kv_order", "mlp_order", "rope"), conv))
+    ids = tok.encode(TEXT)
+    assert torch.allclose(_logits(back, ids), _logits(model, ids), atol=1e-5)
+
+
+def test_output_layer_and_config_must_agree(tmp_path, sp_model, release_cfg):
+    from geb.export.geb_release import import_geb_release
+    from geb.model import GEB
+
+    model = GEB(release_cfg)
+    write_release(tmp_path / "a", model, sp_model, output="untied", config={"untie_embeddings_and_output_weights": False})
+    with pytest.raises(GebError, match=r"'transformer\.output_layer\.weight' is present but .*untie_embeddings_and_output_weights' is false"):
+        import_geb_release(tmp_path / "a", tmp_path / "out")
+    write_release(tmp_path / "b", model, sp_model, output="missing", config={"untie_embeddings_and_output_weights": True})
+    with pytest.raises(GebError, match=r"missing tensor 'transformer\.output_layer\.weight' .*is true"):
+        import_geb_release(tmp_path / "b", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+LAYOUT = ("kv_order", "mlp_order", "rope")
+
+
 def test_verify_finds_the_layout(tmp_path, sp_model, trained):
-    from geb.export.geb_release import verify_conventions
+    from geb.export.geb_release import MIN_MARGIN, Conventions, chosen_conventions, verify_conventions
 
     write_release(tmp_path / "rel", trained, sp_model, kv_order="split", mlp_order="up-gate", rope="chatglm")
     rep = verify_conventions(tmp_path / "rel")
     assert rep["best"] == {"kv_order": "split", "mlp_order": "up-gate", "rope": "chatglm"}
-    assert rep["sane"] and rep["margin"] > 1.02 and len(rep["results"]) == 12
+    assert rep["given"] == {} and rep["searched"] == list(LAYOUT) and len(rep["results"]) == 12
+    assert rep["sane"] and rep["clear"] and rep["margin"] >= 2 * MIN_MARGIN  # room to spare (docs/interop.md)
+    assert chosen_conventions(rep) == Conventions("split", "up-gate", "chatglm")
     best = rep["results"][0]["perplexity"]
     # A 2-layer model that memorised the text still tells a wrong K/V split apart by far.
     assert all(r["perplexity"] > 5 * best for r in rep["results"] if r["kv_order"] != "split")
+
+
+def test_verify_finds_interleaved_rope_when_the_kv_order_is_given(tmp_path, sp_model, trained_mqa):
+    """Full-head adjacent-pair RoPE and one KV head named by multi_query_group_num; the given kv_order is
+    kept and only the other two conventions are searched."""
+    from geb.export.geb_release import MIN_MARGIN, chosen_conventions, verify_conventions
+
+    write_release(tmp_path / "rel", trained_mqa, sp_model, mlp_order="up-gate", rope="interleaved",
+                  config={"num_key_value_heads": None, "multi_query_group_num": 1})
+    rep = verify_conventions(tmp_path / "rel", given={"kv_order": "split"})
+    assert rep["given"] == {"kv_order": "split"} and rep["searched"] == ["mlp_order", "rope"]
+    assert len(rep["results"]) == 6 and {r["kv_order"] for r in rep["results"]} == {"split"}
+    assert rep["best"] == {"kv_order": "split", "mlp_order": "up-gate", "rope": "interleaved"}
+    assert rep["sane"] and rep["margin"] >= 2 * MIN_MARGIN
+    assert chosen_conventions(rep).rope == "interleaved"
+
+
+def test_verify_refuses_a_tie_and_keeps_given_flags(tmp_path, sp_model, trained_mqa, geb_cli):
+    """With one KV head both kv orders score exactly the same: --verify must not pick one (exit 2, the two
+    best layouts and their perplexities in the message); naming --kv-order settles it, and the named order
+    is the one imported."""
+    from geb.export.geb_release import MIN_MARGIN, chosen_conventions, verify_conventions
+
+    rel = tmp_path / "rel"
+    write_release(rel, trained_mqa, sp_model, rope="interleaved", config={"num_key_value_heads": None,
+                                                                         "multi_query_group_num": 1})
+    rep = verify_conventions(rel)
+    first, second = rep["results"][:2]
+    assert rep["sane"] and not rep["clear"] and rep["margin"] == 1.0 < MIN_MARGIN
+    assert {first["kv_order"], second["kv_order"]} == {"interleaved", "split"}
+    assert (first["mlp_order"], first["rope"]) == (second["mlp_order"], second["rope"]) == ("gate-up", "interleaved")
+    with pytest.raises(GebError, match="not clearly better than the runner-up"):
+        chosen_conventions(rep)
+
+    p = geb_cli("import", "geb", rel, "--verify", "--out", tmp_path / "geb", "--threads", "1", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and not (tmp_path / "geb").exists()
+    for r in (first, second):
+        layout = f"kv_order={r['kv_order']} mlp_order={r['mlp_order']} rope={r['rope']}: perplexity {r['perplexity']}"
+        assert layout in p.stderr, p.stderr
+
+    p = geb_cli("import", "geb", rel, "--verify", "--kv-order", "split", "--out", tmp_path / "geb", "--threads", "1")
+    assert "layout search: given kv_order=split; searched mlp_order, rope" in p.stdout
+    assert "chosen layout: kv_order=split (given), mlp_order=gate-up (searched), rope=interleaved (searched)" in p.stdout
+    meta = json.loads((tmp_path / "geb" / "meta.json").read_text())
+    assert meta["conventions"] == {"kv_order": "split", "mlp_order": "gate-up", "rope": "interleaved"}
+
+
+def test_explicit_flags_are_never_overridden(tmp_path, sp_model, trained, geb_cli):
+    """A wrong --mlp-order restricts the search to that order: the true order (up-gate) is never tried,
+    and the import keeps the given one, saying so; without --verify the flags are used as given."""
+    rel = tmp_path / "rel"
+    write_release(rel, trained, sp_model, kv_order="split", mlp_order="up-gate", rope="chatglm")
+    p = geb_cli("import", "geb", rel, "--verify", "--mlp-order", "gate-up", "--out", tmp_path / "a", "--threads", "1")
+    assert "layout search: given mlp_order=gate-up; searched kv_order, rope" in p.stdout
+    assert p.stdout.count("mlp=gate-up") == 6 and "mlp=up-gate" not in p.stdout
+    assert "chosen layout: kv_order=split (searched), mlp_order=gate-up (given), rope=chatglm (searched)" in p.stdout
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["conventions"] == \
+        {"kv_order": "split", "mlp_order": "gate-up", "rope": "chatglm"}
+    p = geb_cli("import", "geb", rel, "--rope", "chatglm", "--out", tmp_path / "b", "--threads", "1")
+    assert "layout: kv_order=interleaved (default), mlp_order=gate-up (default), rope=chatglm (given)" in p.stdout
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["conventions"] == \
+        {"kv_order": "interleaved", "mlp_order": "gate-up", "rope": "chatglm"}
+
+
+def test_verify_refuses_when_no_layout_is_sane(tmp_path, sp_model, release_cfg, geb_cli):
+    """An untrained model reads the text badly under every layout: exit 2, nothing imported."""
+    from geb.model import GEB
+
+    model = GEB(release_cfg)
+    model.init_weights(seed=3)
+    write_release(tmp_path / "rel", _bf16_round(model), sp_model)
+    p = geb_cli("import", "geb", tmp_path / "rel", "--verify", "--out", tmp_path / "geb", "--threads", "1",
+                check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and not (tmp_path / "geb").exists()
+    assert "no layout gives a sane perplexity (best two: kv_order=" in p.stderr
+    rep = json.loads(p.stdout[p.stdout.index("{"):p.stdout.rindex("}") + 1])
+    assert not rep["sane"] and len(rep["results"]) == 12
 
 
 def test_cli_verify_then_import(tmp_path, sp_model, trained, geb_cli):
     write_release(tmp_path / "rel", trained, sp_model, kv_order="interleaved", mlp_order="gate-up", rope="chatglm")
     p = geb_cli("import", "geb", tmp_path / "rel", "--verify", "--out", tmp_path / "geb", "--chat-format", "plain",
                 "--threads", "1")
-    assert '"rope": "chatglm"' in p.stdout and (tmp_path / "geb" / "model.safetensors").is_file()
+    assert "layout search: given none; searched kv_order, mlp_order, rope" in p.stdout
+    assert ("chosen layout: kv_order=interleaved (searched), mlp_order=gate-up (searched), rope=chatglm (searched)"
+            in p.stdout)
+    assert (tmp_path / "geb" / "model.safetensors").is_file()
     meta = json.loads((tmp_path / "geb" / "meta.json").read_text())
-    assert meta["conventions"]["rope"] == "chatglm" and meta["chat_format"]["name"] == "plain"
+    assert meta["conventions"] == {"kv_order": "interleaved", "mlp_order": "gate-up", "rope": "chatglm"}
+    assert meta["chat_format"]["name"] == "plain"
 
 
 def test_bad_release_inputs_leave_no_folder(tmp_path, sp_model, release_cfg):

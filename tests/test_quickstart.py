@@ -75,10 +75,23 @@ def test_quantized_formats_reported(report):
         assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
 
 
-def test_eval_accuracies_are_proportions(report):
-    ev = report[1]["results"]["eval"]
+def test_eval_accuracies_are_the_scored_predictions(report):
+    """Each reported accuracy is the share of that run's saved predictions that match the answer, and
+    each run scored the checkpoint of its own stage."""
+    out, summary = report
+    ev = summary["results"]["eval"]
     assert set(ev) == {f"{s}_{b}" for s in ("pretrain", "sft", "dpo") for b in ("ceval", "mmlu")}
-    assert all(0.0 <= v <= 1.0 for v in ev.values())
+    letters = "ABCD"
+    for key, acc in ev.items():
+        stage, bench = key.split("_")
+        run = out / "eval" / f"{stage}-{bench}"
+        res = json.loads((run / "results.json").read_text())
+        assert res["benchmark"] == bench and res["model"]["path"] == str(out / "ckpt" / stage)
+        preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+        assert len(preds) == res["overall"]["n"] > 0
+        for p in preds:  # the prediction is the letter with the highest log-likelihood
+            assert p["pred"] == letters[max(range(4), key=lambda j: p["logprobs"][j])]
+        assert acc == sum(p["pred"] == p["answer"] for p in preds) / len(preds)
 
 
 def test_heldout_scores_are_the_scorers_verdicts_on_the_samples(report):
@@ -94,3 +107,28 @@ def test_heldout_scores_are_the_scorers_verdicts_on_the_samples(report):
         mine = [r for r in rows if key in (r["lang"], f"{r['lang']}/{r['form']}")]
         assert mine and acc == sum(r["correct"] for r in mine) / len(mine)
     assert h["overall"] == sum(r["correct"] for r in rows) / len(rows)
+
+
+def test_untrained_baseline_is_measured(report):
+    """The untrained figure is the scorer's verdict on the greedy outputs of pretraining's starting
+    weights for the same prompts, not a constant."""
+    from geb import corpus
+    from geb.checkpoint import load_model
+    from geb.infer.engine import Engine
+    from geb.infer.sampling import SamplingParams
+
+    out, summary = report
+    h = summary["results"]["heldout"]
+    base = [json.loads(line) for line in (out / "samples" / "heldout_untrained.jsonl").read_text().splitlines()]
+    trained = [json.loads(line) for line in (out / "samples" / "heldout_pretrain.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in base] == [r["prompt"] for r in trained]
+    assert h["untrained_overall"] == sum(r["correct"] for r in base) / len(base)
+    assert all(r["correct"] == corpus.answer_matches(r["output"], r["answer"]) for r in base)
+    model, tok, _ = load_model(out / "ckpt" / "pretrain")
+    model.init_weights(seed=summary["config"]["seed"])
+    eng = Engine(model, tok)
+    p = SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=1.0, stop=["\n"])
+    for r in base[:3]:
+        assert eng.generate(r["prompt"], p).text == r["output"]
+    assert [r["output"] for r in base] != [r["output"] for r in trained]
+    assert f"answers {h['untrained_overall']:.0%} of the same prompts" in (out / "report.md").read_text()

@@ -13,15 +13,19 @@ def configure(p) -> None:
     g = sub.add_parser("geb", help="the released GEB-1.3B checkpoint (Megatron/ChatGLM names, SentencePiece)")
     g.add_argument("path", help="folder with config.json, pytorch_model.bin (or shards + index) and tokenizer.model")
     g.add_argument("--out", help="output geb folder (optional with --verify)")
-    g.add_argument("--kv-order", choices=("interleaved", "split"), default="interleaved",
-                   help="row order of key_value: K,V of head 0 then head 1... (interleaved, default) or all K then all V")
-    g.add_argument("--mlp-order", choices=("gate-up", "up-gate"), default="gate-up",
-                   help="which half of dense_h_to_4h is the gate (default gate-up: gate first)")
-    g.add_argument("--rope", choices=("half", "interleaved", "chatglm"), default="half",
-                   help="RoPE convention: rotate-half over the whole head (default), adjacent pairs, or "
-                        "ChatGLM (adjacent pairs over the first half of each head)")
+    g.add_argument("--kv-order", choices=("interleaved", "split"), default=None,
+                   help="row order of key_value: K,V of head 0 then head 1... (interleaved, the default without "
+                        "--verify) or all K then all V; with --verify a given order is not searched")
+    g.add_argument("--mlp-order", choices=("gate-up", "up-gate"), default=None,
+                   help="which half of dense_h_to_4h is the gate (gate-up, the default without --verify: gate "
+                        "first); with --verify a given order is not searched")
+    g.add_argument("--rope", choices=("half", "interleaved", "chatglm"), default=None,
+                   help="RoPE convention: rotate-half over the whole head (half, the default without --verify), "
+                        "adjacent pairs, or ChatGLM (adjacent pairs over the first half of each head); with "
+                        "--verify a given convention is not searched")
     g.add_argument("--verify", action="store_true",
-                   help="score a built-in bilingual text under every candidate convention and report perplexities")
+                   help="score a built-in bilingual text under every layout the flags above leave open, report "
+                        "perplexities, and refuse (exit 2) unless the best is sane and clearly beats the runner-up")
     g.add_argument("--chat-format", default=None,
                    help="chat prompt format: a preset (chatml, chatglm3, plain) or a JSON file; the released "
                         "model's own format is not known (default: chatglm3)")
@@ -60,20 +64,26 @@ def run(args) -> int:
 
         out = import_hf(args.path, args.out, chat_format=args.chat_format)
     else:
-        from geb.export.geb_release import Conventions, import_geb_release, verify_conventions
+        from geb.export.geb_release import (CONVENTION_FIELDS, Conventions, chosen_conventions,
+                                            import_geb_release, verify_conventions)
 
-        conv = Conventions(kv_order=args.kv_order, mlp_order=args.mlp_order, rope=args.rope)
+        given = {f: getattr(args, f) for f in CONVENTION_FIELDS if getattr(args, f) is not None}
         specials = args.special_tokens.split(",") if args.special_tokens else None
         if args.verify:
-            report = verify_conventions(args.path, special_tokens=specials, log=print)
+            searched = [f for f in CONVENTION_FIELDS if f not in given]
+            print("layout search: given " + (", ".join(f"{k}={v}" for k, v in given.items()) or "none")
+                  + "; searched " + (", ".join(searched) or "none"))
+            report = verify_conventions(args.path, given=given, special_tokens=specials, log=print)
             print(json.dumps(report, indent=2, ensure_ascii=False))
+            conv = chosen_conventions(report)  # GebError (exit 2) when not sane or not clearly the best
+            print("chosen layout: " + ", ".join(
+                f"{f}={getattr(conv, f)} ({'given' if f in given else 'searched'})" for f in CONVENTION_FIELDS))
             if not args.out:
                 return 0
-            if not report["sane"]:
-                raise GebError("no convention gave a sane perplexity, so nothing was imported; to import anyway, "
-                               "run without --verify and name the conventions (--kv-order, --mlp-order, --rope)")
-            conv = Conventions(**report["best"])
-            print(f"importing with the best convention: {conv}")
+        else:
+            conv = Conventions(**given)
+            print("layout: " + ", ".join(
+                f"{f}={getattr(conv, f)} ({'given' if f in given else 'default'})" for f in CONVENTION_FIELDS))
         if not args.out:
             raise GebError("--out is required (unless --verify alone)")
         out = import_geb_release(args.path, args.out, conv, chat_format=args.chat_format,

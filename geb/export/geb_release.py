@@ -15,8 +15,9 @@ Three conventions of the release could not be read from its code, so each is an 
   first half of each head only (ChatGLM2/3); geb then keeps rope_dims = head_dim / 2.
 Every convention is turned into geb's rotate-half layout by reordering rows (exact), so the imported
 folder exports to transformers or GGUF like any other (except partial rotary; see docs/interop.md).
-`verify_conventions` scores a built-in bilingual text under all 12 combinations; only the right one
-gives a sane perplexity.
+`verify_conventions` scores a built-in bilingual text under every combination the caller did not fix
+(12 when none is given), and `chosen_conventions` accepts the best only when its perplexity is sane and
+at least MIN_MARGIN times lower than the runner-up's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ from geb.export.common import interleaved_to_half, read_json
 KV_ORDERS = ("interleaved", "split")
 MLP_ORDERS = ("gate-up", "up-gate")
 ROPES = ("half", "interleaved", "chatglm")
+CONVENTION_FIELDS = ("kv_order", "mlp_order", "rope")
+# --verify accepts the best layout only when the runner-up's perplexity is at least this many times higher.
+# A tie gives exactly 1.0 (e.g. kv_order with one KV head: both orders are the same tensor). The synthetic
+# releases of tests/test_import_geb.py (small models that learned the text, with a known layout) beat the
+# runner-up by at least twice this (asserted), so 1.5 refuses ties and near-ties without refusing those.
+MIN_MARGIN = 1.5
 DEFAULT_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<eod>",
                     "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 
@@ -272,11 +279,20 @@ def perplexity(model, ids: list[int]) -> float:
     return math.exp(loss.item())
 
 
-def verify_conventions(path: str | Path, *, special_tokens: list[str] | None = None, text: str | None = None,
+def verify_conventions(path: str | Path, *, given: dict[str, str] | None = None,
+                       special_tokens: list[str] | None = None, text: str | None = None,
                        max_tokens: int = 256, log=None) -> dict:
-    """Perplexity of a bilingual text under every convention; the sane one is the model's layout."""
+    """Perplexity of a bilingual text under every convention not fixed by `given` (field → value).
+
+    Fields in `given` are not searched: they restrict the candidates instead of being overridden.
+    """
     from geb.model import GEB
 
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(CONVENTION_FIELDS))
+    if unknown:
+        raise GebError(f"unknown convention field '{unknown[0]}' (known: {', '.join(CONVENTION_FIELDS)})")
+    Conventions(**given)  # validates the given values
     folder, cfg_raw, base = _open(path)
     tok, _ = release_tokenizer(folder, base.vocab_size, special_tokens, "plain")
     ids = tok.encode(text or VERIFY_TEXT, allow_special=False)[: min(max_tokens, base.max_seq_len) + 1]
@@ -285,8 +301,10 @@ def verify_conventions(path: str | Path, *, special_tokens: list[str] | None = N
     raw = read_release_weights(folder)
     # BF16 keeps a 1.3B model's copy small and fast on CPU; small models score in FP32.
     dtype = torch.bfloat16 if base.num_params() > 200_000_000 else torch.float32
+    choices = [(given[f],) if f in given else allowed
+               for f, allowed in zip(CONVENTION_FIELDS, (KV_ORDERS, MLP_ORDERS, ROPES))]
     results = []
-    for kv, mlp, rope in itertools.product(KV_ORDERS, MLP_ORDERS, ROPES):
+    for kv, mlp, rope in itertools.product(*choices):
         conv = Conventions(kv, mlp, rope)
         cfg, sd = map_release(raw, base, conv, str(folder), dtype=dtype,
                               untie=cfg_raw.get("untie_embeddings_and_output_weights"))
@@ -302,12 +320,41 @@ def verify_conventions(path: str | Path, *, special_tokens: list[str] | None = N
             log(f"  kv={kv:<11} mlp={mlp:<7} rope={rope:<11} perplexity {ppl:12.3f}")
         del model, sd
     results.sort(key=lambda r: r["perplexity"])
-    best, second = results[0], results[1]
-    best_conv = {k: best[k] for k in ("kv_order", "mlp_order", "rope")}
+    best = results[0]
+    runner_up = results[1] if len(results) > 1 else None
+    margin = runner_up["perplexity"] / best["perplexity"] if runner_up else None
     sane = best["perplexity"] < min(200.0, 0.05 * tok.vocab_size)
-    return {"tokens": len(ids), "results": results, "best": best_conv,
-            "margin": round(second["perplexity"] / best["perplexity"], 3), "sane": sane,
-            "advice": ("use the best convention" if sane else
-                       "no convention gives a sane perplexity: the checkpoint may not be in the expected layout "
-                       "(or --special-tokens / the tokenizer do not match)")}
+    clear = margin is None or margin >= MIN_MARGIN
+    if not sane:
+        advice = ("no convention gives a sane perplexity: the checkpoint may not be in the expected layout "
+                  "(or --special-tokens / the tokenizer do not match)")
+    elif not clear:
+        advice = (f"the best layout is not clearly better than the runner-up (ratio {margin:.3f} < {MIN_MARGIN}): "
+                  "name the conventions you know (--kv-order, --mlp-order, --rope)")
+    else:
+        advice = "use the best convention"
+    return {"tokens": len(ids), "given": given, "searched": [f for f in CONVENTION_FIELDS if f not in given],
+            "results": results, "best": {k: best[k] for k in CONVENTION_FIELDS},
+            "runner_up": {k: runner_up[k] for k in CONVENTION_FIELDS} if runner_up else None,
+            "margin": None if margin is None else round(margin, 3), "min_margin": MIN_MARGIN,
+            "sane": sane, "clear": clear, "advice": advice}
 
+
+def _layout(r: dict) -> str:
+    return " ".join(f"{k}={r[k]}" for k in CONVENTION_FIELDS)
+
+
+def chosen_conventions(report: dict) -> Conventions:
+    """The best layout of a `verify_conventions` report, or a GebError saying why it cannot be trusted."""
+    res = report["results"]
+    top = "; ".join(f"{_layout(r)}: perplexity {r['perplexity']}" for r in res[:2])
+    if not report["sane"]:
+        raise GebError(f"no layout gives a sane perplexity (best two: {top}), so nothing was chosen; the "
+                       "checkpoint may not be in the GEB-1.3B layout, or the tokenizer / --special-tokens do not "
+                       "match. To import anyway, run without --verify and name the conventions "
+                       "(--kv-order, --mlp-order, --rope)")
+    if not report["clear"]:
+        raise GebError(f"the best layout is not clearly better than the runner-up: {top} (ratio "
+                       f"{report['margin']}, at least {report['min_margin']} needed), so nothing was chosen; "
+                       "name the conventions you know (--kv-order, --mlp-order, --rope) to narrow the search")
+    return Conventions(**report["best"])
