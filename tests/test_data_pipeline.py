@@ -168,6 +168,26 @@ def test_report_files_and_provenance(run):
     assert "kept" in run["stdout"] and "report" in run["stdout"]
 
 
+def test_report_times_every_rule_and_step(run):
+    r = run["report"]
+    steps = r["timing"]["steps"]
+    rules = [s["step"] for s in r["steps"]]
+    # every enabled rule, the reader, the writers and each dedup step, in pipeline order
+    assert [k for k in steps if k in rules] == [x for x in rules if x not in ("minhash", "para_dedup", "sent_dedup")]
+    for k in ("read", "write clean", "minhash signatures", "minhash buckets", "minhash cluster", "minhash filter",
+              "para_dedup find", "sent_dedup filter"):
+        assert k in steps, k
+    assert all(v >= 0 for v in steps.values())
+    assert steps["read"] > 0 and steps["minhash signatures"] > 0  # real work is measured, not a placeholder
+    for s in r["steps"]:
+        if s["stage"] != "dedup":
+            assert s["seconds"] == steps[s["step"]]
+    mh = next(s for s in r["steps"] if s["step"] == "minhash")
+    assert mh["seconds"] == round(sum(v for k, v in steps.items() if k.startswith("minhash ")), 3)
+    md = (run["out"] / "report.md").read_text()
+    assert "| minhash signatures |" in md and "| incomplete_lines |" in md
+
+
 def test_rerun_resumes_and_settings_change_is_refused(run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(run["out"], out)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geb.data import settings as S
-from geb.data.steps import Meter, atomic_dir, write_json_atomic
+from geb.data.steps import Meter, Timed, atomic_dir, write_json_atomic
 from geb.errors import GebError
 
 TEXT_FORMAT = "geb-text-v1"
@@ -100,13 +100,17 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
     rules = settings["rules"]
     tasks = max(1, min(len(files), tasks or 4))
     classes = S.rule_classes()
-    steps = [GebReader(input_dir, files, L.rejects, L.stats, **settings["read"])]
+
+    def timed(step, label):  # every step not a GEB rule is timed by a wrapper, for the report
+        return Timed(step, label, L.stats)
+
+    steps = [timed(GebReader(input_dir, files, L.rejects, L.stats, **settings["read"]), "read")]
     for name, cls in classes.items():
         if rules[name]["enabled"]:
             params = {k: v for k, v in rules[name].items() if k != "enabled"}
             steps.append(cls(L.stats, **params))
     clean_out = L.work / "clean"
-    stages = [Stage("clean", [*steps, _writer(clean_out)], tasks, str(clean_out))]
+    stages = [Stage("clean", [*steps, timed(_writer(clean_out), "write clean")], tasks, str(clean_out))]
     prev = clean_out
     tok = BilingualWordTokenizer()
     # sha1, not datatrove's default xxhash: xxhash ≥ 4 no longer hashes str, which datatrove passes it
@@ -122,14 +126,16 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
         index_name = (mh["index_name"] or Path(output_dir).resolve().name) if index_dir else None
         out = base / "out"
         stages += [
-            Stage("minhash_signatures", [_reader(prev), MinhashDedupSignature(str(base / "sigs"), cfg, language=tok)], tasks),
-            Stage("minhash_buckets", [MinhashDedupBuckets(str(base / "sigs"), str(base / "buckets"), index_folder=index_dir,
-                                                          config=cfg, only_dedup_in_index=False,
-                                                          create_index_name=index_name)], cfg.num_buckets),
-            Stage("minhash_cluster", [MinhashDedupCluster(str(base / "buckets"), str(base / "remove"), cfg)], 1),
-            Stage("minhash_filter", [_reader(prev), Meter("minhash", "in", L.stats),
-                                     MinhashDedupFilter(str(base / "remove"), exclusion_writer=_writer(L.removed / "minhash", True)),
-                                     Meter("minhash", "out", L.stats), _writer(out)], tasks, str(out)),
+            Stage("minhash_signatures", [timed(_reader(prev), "read minhash"),
+                                         timed(MinhashDedupSignature(str(base / "sigs"), cfg, language=tok), "minhash signatures")], tasks),
+            Stage("minhash_buckets", [timed(MinhashDedupBuckets(str(base / "sigs"), str(base / "buckets"), index_folder=index_dir,
+                                                                config=cfg, only_dedup_in_index=False,
+                                                                create_index_name=index_name), "minhash buckets")], cfg.num_buckets),
+            Stage("minhash_cluster", [timed(MinhashDedupCluster(str(base / "buckets"), str(base / "remove"), cfg), "minhash cluster")], 1),
+            Stage("minhash_filter", [timed(_reader(prev), "read minhash_filter"), Meter("minhash", "in", L.stats),
+                                     timed(MinhashDedupFilter(str(base / "remove"), exclusion_writer=_writer(L.removed / "minhash", True)),
+                                           "minhash filter"),
+                                     Meter("minhash", "out", L.stats), timed(_writer(out), "write minhash")], tasks, str(out)),
         ]
         prev = out
 
@@ -144,12 +150,14 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
         base = L.work / name
         out = base / "out"
         stages += [
-            Stage(f"{name}_signatures", [_reader(prev), SentenceDedupSignature(str(base / "sigs"), config=cfg, language=tok)], tasks),
-            Stage(f"{name}_find", [SentenceFindDedups(str(base / "sigs"), str(base / "dups"), config=cfg)], 1),
-            Stage(f"{name}_filter", [_reader(prev), Meter(name, "in", L.stats),
-                                     SentenceDedupFilter(str(base / "dups"), config=cfg, language=tok,
-                                                         exclusion_writer=_writer(L.removed / name, True)),
-                                     Meter(name, "out", L.stats), _writer(out)], tasks, str(out)),
+            Stage(f"{name}_signatures", [timed(_reader(prev), f"read {name}"),
+                                         timed(SentenceDedupSignature(str(base / "sigs"), config=cfg, language=tok),
+                                               f"{name} signatures")], tasks),
+            Stage(f"{name}_find", [timed(SentenceFindDedups(str(base / "sigs"), str(base / "dups"), config=cfg), f"{name} find")], 1),
+            Stage(f"{name}_filter", [timed(_reader(prev), f"read {name}_filter"), Meter(name, "in", L.stats),
+                                     timed(SentenceDedupFilter(str(base / "dups"), config=cfg, language=tok,
+                                                               exclusion_writer=_writer(L.removed / name, True)), f"{name} filter"),
+                                     Meter(name, "out", L.stats), timed(_writer(out), f"write {name}")], tasks, str(out)),
         ]
         prev = out
     return stages
