@@ -93,14 +93,16 @@ def build_raw(corpus: Path, raw: Path, max_mb: float) -> dict:
 
 
 CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from geb.data.pipeline import run_pipeline, iter_docs
 raw, out, workers = sys.argv[2], sys.argv[3], int(sys.argv[4])
+cpu0 = sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 t0 = time.perf_counter()
 report = run_pipeline(raw, out, workers=workers, overrides={"read": {"txt_mode": "file"}}, tasks=max(4, workers))
 sec = time.perf_counter() - t0
-json.dump({"seconds": sec, "report": report}, open(out + ".result.json", "w"), ensure_ascii=False)
+cpu = sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+json.dump({"seconds": sec, "cpu_seconds": cpu - cpu0, "report": report}, open(out + ".result.json", "w"), ensure_ascii=False)
 """
 
 
@@ -206,12 +208,14 @@ def main() -> int:
                     sec, report = res["seconds"], res["report"]
                     docs = report["input"]["documents"]
                     t = report["timing"]
-                    runs.append({"code": side, "workers": w, "repeat": rep, "seconds": round(sec, 2), "docs": docs,
+                    runs.append({"code": side, "workers": w, "repeat": rep, "seconds": round(sec, 2),
+                                 "cpu_seconds": round(res["cpu_seconds"], 2), "docs": docs,
                                  "docs_per_s_per_worker": round(docs / sec / w, 1),
                                  "mb_per_s_per_worker": round(mb / sec / w, 3),
                                  "stages": t["stages"], "steps": t.get("steps", {}),
                                  "output_documents": report["output"]["documents"]})
-                    print(f"{side} workers={w} repeat={rep}: {sec:.1f} s, {docs / sec:.0f} docs/s, {mb / sec:.2f} MB/s",
+                    print(f"{side} workers={w} repeat={rep}: {sec:.1f} s (CPU {res['cpu_seconds']:.1f} s), "
+                          f"{docs / sec:.0f} docs/s, {mb / sec:.2f} MB/s",
                           flush=True)
                     kept.setdefault(side, res["kept"])
                     reports.setdefault(side, report)
@@ -221,6 +225,7 @@ def main() -> int:
                 out = tmp / f"tiny_{side}_{rep}"
                 res = run_child(tree, tiny, out, 1)
                 runs.append({"code": side, "workers": 1, "repeat": rep, "tiny": True, "seconds": round(res["seconds"], 2),
+                             "cpu_seconds": round(res["cpu_seconds"], 2),
                              "stages": res["report"]["timing"]["stages"]})
                 shutil.rmtree(out, ignore_errors=True)
         if args.profile:
@@ -261,6 +266,9 @@ def main() -> int:
                                                        text=True).stdout.strip(),
                               "step_seconds_w1": statistics_by_step([r for r in full if r["workers"] == 1 and r["code"] == "baseline"]),
                               # per repeat, new/baseline time ratio of the runs made side by side
+                              "speedup_cpu": {w: [round(b["cpu_seconds"] / n["cpu_seconds"], 2) for b, n in zip(
+                                  [r for r in full if r["workers"] == w and r["code"] == "baseline"],
+                                  [r for r in full if r["workers"] == w and r["code"] == "new"])] for w in args.workers},
                               "speedup": {w: [round(b["seconds"] / n["seconds"], 2) for b, n in zip(
                                   [r for r in full if r["workers"] == w and r["code"] == "baseline"],
                                   [r for r in full if r["workers"] == w and r["code"] == "new"])] for w in args.workers},

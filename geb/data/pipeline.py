@@ -10,10 +10,13 @@ or in one go with `run_pipeline(..., tokenizer_dir=TOK)`. Stages run as datatrov
 its own executor with a logging folder under out/work/logs/<stage>/ whose completion markers make a
 re-run resume where it stopped:
 
-  clean            read → rule cleaning → quality filters → out/work/clean/   (one task per input file)
-  minhash_*        signatures → LSH buckets → clusters → filter              → out/work/minhash/out/
-  para_dedup_*     paragraph hashes → find repeats → drop them               → out/work/para_dedup/out/
-  sent_dedup_*     3-sentence-span hashes → find repeats → drop them         → out/work/sent_dedup/out/
+  clean            read → rule cleaning → quality filters → out/work/clean/ → MinHash signatures
+  minhash_*        LSH buckets → clusters → filter → out/work/minhash/out/ → paragraph hashes
+  para_dedup_*     find repeated paragraphs → drop them → out/work/para_dedup/out/ → 3-sentence-span hashes
+  sent_dedup_*     find repeated spans → drop them → out/work/sent_dedup/out/
+
+Each signature step runs at the end of the stage that wrote its input (the documents pass on from
+the writer), so no stage re-reads a folder only to hash it.
 
 The last stage's files are then published to out/text/ (temp folder + rename, meta.json inside), and
 report.md/report.json/report.png are written (report.py). Locally stages run on datatrove's
@@ -62,21 +65,30 @@ class Layout:
         self.tokens = self.out / "tokens"
 
 
+def _doc_dict(writer, doc) -> dict:
+    """The record datatrove's default adapter writes (its non-empty fields text, id, metadata), without
+    its dataclasses.asdict deep copy of every document, which cost more than some cleaning rules."""
+    if doc.media:
+        return writer._default_adapter(doc)
+    return {k: v for k, v in (("text", doc.text), ("id", doc.id), ("metadata", doc.metadata)) if v}
+
+
 def _writer(folder: Path, compress: bool = False):
     from datatrove.pipeline.writers.jsonl import JsonlWriter
 
     # intermediate shards are read once more and deleted with work/: gzip would cost more than it saves
     if compress:
-        return JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz", compression="gzip")
-    return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None)
+        return JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz", compression="gzip", adapter=_doc_dict)
+    return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None, adapter=_doc_dict)
 
 
 def _reader(folder: Path):
-    from datatrove.pipeline.readers.jsonl import JsonlReader
+    from geb.data.dedup import RankReader
 
+    # rank-bound: the filter must see the documents the signature step numbered, in that order.
     # add_file_path=False: the intermediate file's absolute path must not leak into the published text
-    return JsonlReader(str(folder), glob_pattern="*.jsonl", recursive=False, add_file_path=False,
-                       compression=None)
+    return RankReader(str(folder), glob_pattern="*.jsonl", recursive=False, add_file_path=False,
+                      compression=None)
 
 
 def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, files: list[str],
@@ -116,6 +128,11 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
     # sha1, not datatrove's default xxhash: xxhash ≥ 4 no longer hashes str, which datatrove passes it
     hashing = HashConfig(precision=64, hash_fc="sha1")
 
+    def signatures(step, label):
+        """A signature step reads what the stage before wrote: it runs at the end of that stage (the
+        documents pass on from its writer), which saves a stage and a pass over the files."""
+        stages[-1].pipeline.append(timed(step, label))
+
     mh = rules["minhash"]
     if mh["enabled"]:
         cfg = MinhashConfig(n_grams=int(mh["n_grams"]), num_buckets=int(mh["num_buckets"]),
@@ -125,9 +142,8 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
         index_dir = mh["index_dir"] or None
         index_name = (mh["index_name"] or Path(output_dir).resolve().name) if index_dir else None
         out = base / "out"
+        signatures(MinhashDedupSignature(str(base / "sigs"), cfg, language=tok), "minhash signatures")
         stages += [
-            Stage("minhash_signatures", [timed(_reader(prev), "read minhash"),
-                                         timed(MinhashDedupSignature(str(base / "sigs"), cfg, language=tok), "minhash signatures")], tasks),
             Stage("minhash_buckets", [timed(MinhashDedupBuckets(str(base / "sigs"), str(base / "buckets"), index_folder=index_dir,
                                                                 config=cfg, only_dedup_in_index=False,
                                                                 create_index_name=index_name), "minhash buckets")], cfg.num_buckets),
@@ -149,10 +165,8 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
                               min_words_to_remove_span=int(r["min_units"]), hash_config=hashing)
         base = L.work / name
         out = base / "out"
+        signatures(SentenceDedupSignature(str(base / "sigs"), config=cfg, language=tok), f"{name} signatures")
         stages += [
-            Stage(f"{name}_signatures", [timed(_reader(prev), f"read {name}"),
-                                         timed(SentenceDedupSignature(str(base / "sigs"), config=cfg, language=tok),
-                                               f"{name} signatures")], tasks),
             Stage(f"{name}_find", [timed(SentenceFindDedups(str(base / "sigs"), str(base / "dups"), config=cfg), f"{name} find")], 1),
             Stage(f"{name}_filter", [timed(_reader(prev), f"read {name}_filter"), Meter(name, "in", L.stats),
                                      timed(SentenceDedupFilter(str(base / "dups"), config=cfg, language=tok,
@@ -191,10 +205,10 @@ def run_stages(stages: list[Stage], logs: Path, workers: int = 1, quiet: bool = 
     # instead of re-importing them in every pool of every stage (forkserver, datatrove's default)
     method = "fork" if sys.platform == "linux" else "forkserver"
     if workers > 1 and any(getattr(s, "rule", "") in ("stopwords", "repetition") for st in stages for s in st.pipeline):
-        from geb.data.text import _jieba
+        from geb.data.text import _segmenter
 
         with contextlib.suppress(ImportError):
-            _jieba()
+            _segmenter()
     for st in stages:
         t0 = time.perf_counter()
         ex = LocalPipelineExecutor(st.pipeline, tasks=st.tasks, workers=max(1, min(workers, st.tasks)),
