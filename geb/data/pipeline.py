@@ -373,6 +373,20 @@ def slurm_executors(run: Run, **slurm_kwargs) -> list:
     return execs
 
 
+def run_ray(input_dir: str | Path, output_dir: str | Path, overrides: dict | None = None, restart: bool = False,
+            tasks: int | None = None, mem_per_cpu_gb: float = 1.0, **ray_kwargs) -> Run:
+    """Run every stage on the Ray cluster `ray.init()` connected to, one datatrove RayPipelineExecutor per
+    stage, in order, with the local logging folders; then `run_pipeline` with the same arguments
+    publishes out/text, packs and reports (every task is already complete)."""
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    run = prepare_run(input_dir, output_dir, overrides, restart, tasks)
+    for st in run.stages:
+        RayPipelineExecutor(st.pipeline, tasks=st.tasks, logging_dir=str(run.layout.logs / st.name),
+                            mem_per_cpu_gb=mem_per_cpu_gb, **ray_kwargs).run()
+    return run
+
+
 def submit_slurm(input_dir: str | Path, output_dir: str | Path, overrides: dict | None = None,
                  restart: bool = False, tasks: int | None = None, **slurm_kwargs) -> list:
     """Submit every stage to Slurm (sbatch) as dependent array jobs; returns the executors."""
