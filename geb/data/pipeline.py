@@ -10,10 +10,13 @@ or in one go with `run_pipeline(..., tokenizer_dir=TOK)`. Stages run as datatrov
 its own executor with a logging folder under out/work/logs/<stage>/ whose completion markers make a
 re-run resume where it stopped:
 
-  clean            read → rule cleaning → quality filters → out/work/clean/   (one task per input file)
-  minhash_*        signatures → LSH buckets → clusters → filter              → out/work/minhash/out/
-  para_dedup_*     paragraph hashes → find repeats → drop them               → out/work/para_dedup/out/
-  sent_dedup_*     3-sentence-span hashes → find repeats → drop them         → out/work/sent_dedup/out/
+  clean            read → rule cleaning → quality filters → out/work/clean/ → MinHash signatures
+  minhash_*        LSH buckets → clusters → filter → out/work/minhash/out/ → paragraph hashes
+  para_dedup_*     find repeated paragraphs → drop them → out/work/para_dedup/out/ → 3-sentence-span hashes
+  sent_dedup_*     find repeated spans → drop them → out/work/sent_dedup/out/
+
+Each signature step runs at the end of the stage that wrote its input (the documents pass on from
+the writer), so no stage re-reads a folder only to hash it.
 
 The last stage's files are then published to out/text/ (temp folder + rename, meta.json inside), and
 report.md/report.json/report.png are written (report.py). Locally stages run on datatrove's
@@ -35,7 +38,7 @@ from pathlib import Path
 
 from geb.data import settings as S
 from geb.checkpoint import AtomicFolder, check_destination
-from geb.data.steps import Meter, write_json_atomic
+from geb.data.steps import Meter, Timed, write_json_atomic
 from geb.errors import GebError
 
 TEXT_FORMAT = "geb-text-v1"
@@ -63,21 +66,30 @@ class Layout:
         self.tokens = self.out / "tokens"
 
 
+def _doc_dict(writer, doc) -> dict:
+    """The record datatrove's default adapter writes (its non-empty fields text, id, metadata), without
+    its dataclasses.asdict deep copy of every document, which cost more than some cleaning rules."""
+    if doc.media:
+        return writer._default_adapter(doc)
+    return {k: v for k, v in (("text", doc.text), ("id", doc.id), ("metadata", doc.metadata)) if v}
+
+
 def _writer(folder: Path, compress: bool = False):
     from datatrove.pipeline.writers.jsonl import JsonlWriter
 
     # intermediate shards are read once more and deleted with work/: gzip would cost more than it saves
     if compress:
-        return JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz", compression="gzip")
-    return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None)
+        return JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz", compression="gzip", adapter=_doc_dict)
+    return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None, adapter=_doc_dict)
 
 
 def _reader(folder: Path):
-    from datatrove.pipeline.readers.jsonl import JsonlReader
+    from geb.data.dedup import RankReader
 
+    # rank-bound: the filter must see the documents the signature step numbered, in that order.
     # add_file_path=False: the intermediate file's absolute path must not leak into the published text
-    return JsonlReader(str(folder), glob_pattern="*.jsonl", recursive=False, add_file_path=False,
-                       compression=None)
+    return RankReader(str(folder), glob_pattern="*.jsonl", recursive=False, add_file_path=False,
+                      compression=None)
 
 
 def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, files: list[str],
@@ -101,17 +113,26 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
     rules = settings["rules"]
     tasks = max(1, min(len(files), tasks or 4))
     classes = S.rule_classes()
-    steps = [GebReader(input_dir, files, L.rejects, L.stats, **settings["read"])]
+
+    def timed(step, label):  # every step not a GEB rule is timed by a wrapper, for the report
+        return Timed(step, label, L.stats)
+
+    steps = [timed(GebReader(input_dir, files, L.rejects, L.stats, **settings["read"]), "read")]
     for name, cls in classes.items():
         if rules[name]["enabled"]:
             params = {k: v for k, v in rules[name].items() if k != "enabled"}
             steps.append(cls(L.stats, **params))
     clean_out = L.work / "clean"
-    stages = [Stage("clean", [*steps, _writer(clean_out)], tasks, str(clean_out))]
+    stages = [Stage("clean", [*steps, timed(_writer(clean_out), "write clean")], tasks, str(clean_out))]
     prev = clean_out
     tok = BilingualWordTokenizer()
     # sha1, not datatrove's default xxhash: xxhash ≥ 4 no longer hashes str, which datatrove passes it
     hashing = HashConfig(precision=64, hash_fc="sha1")
+
+    def signatures(step, label):
+        """A signature step reads what the stage before wrote: it runs at the end of that stage (the
+        documents pass on from its writer), which saves a stage and a pass over the files."""
+        stages[-1].pipeline.append(timed(step, label))
 
     mh = rules["minhash"]
     if mh["enabled"]:
@@ -122,15 +143,16 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
         index_dir = mh["index_dir"] or None
         index_name = (mh["index_name"] or Path(output_dir).resolve().name) if index_dir else None
         out = base / "out"
+        signatures(MinhashDedupSignature(str(base / "sigs"), cfg, language=tok), "minhash signatures")
         stages += [
-            Stage("minhash_signatures", [_reader(prev), MinhashDedupSignature(str(base / "sigs"), cfg, language=tok)], tasks),
-            Stage("minhash_buckets", [MinhashDedupBuckets(str(base / "sigs"), str(base / "buckets"), index_folder=index_dir,
-                                                          config=cfg, only_dedup_in_index=False,
-                                                          create_index_name=index_name)], cfg.num_buckets),
-            Stage("minhash_cluster", [MinhashDedupCluster(str(base / "buckets"), str(base / "remove"), cfg)], 1),
-            Stage("minhash_filter", [_reader(prev), Meter("minhash", "in", L.stats),
-                                     MinhashDedupFilter(str(base / "remove"), exclusion_writer=_writer(L.removed / "minhash", True)),
-                                     Meter("minhash", "out", L.stats), _writer(out)], tasks, str(out)),
+            Stage("minhash_buckets", [timed(MinhashDedupBuckets(str(base / "sigs"), str(base / "buckets"), index_folder=index_dir,
+                                                                config=cfg, only_dedup_in_index=False,
+                                                                create_index_name=index_name), "minhash buckets")], cfg.num_buckets),
+            Stage("minhash_cluster", [timed(MinhashDedupCluster(str(base / "buckets"), str(base / "remove"), cfg), "minhash cluster")], 1),
+            Stage("minhash_filter", [timed(_reader(prev), "read minhash_filter"), Meter("minhash", "in", L.stats),
+                                     timed(MinhashDedupFilter(str(base / "remove"), exclusion_writer=_writer(L.removed / "minhash", True)),
+                                           "minhash filter"),
+                                     Meter("minhash", "out", L.stats), timed(_writer(out), "write minhash")], tasks, str(out)),
         ]
         prev = out
 
@@ -144,13 +166,13 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
                               min_words_to_remove_span=int(r["min_units"]), hash_config=hashing)
         base = L.work / name
         out = base / "out"
+        signatures(SentenceDedupSignature(str(base / "sigs"), config=cfg, language=tok), f"{name} signatures")
         stages += [
-            Stage(f"{name}_signatures", [_reader(prev), SentenceDedupSignature(str(base / "sigs"), config=cfg, language=tok)], tasks),
-            Stage(f"{name}_find", [SentenceFindDedups(str(base / "sigs"), str(base / "dups"), config=cfg)], 1),
-            Stage(f"{name}_filter", [_reader(prev), Meter(name, "in", L.stats),
-                                     SentenceDedupFilter(str(base / "dups"), config=cfg, language=tok,
-                                                         exclusion_writer=_writer(L.removed / name, True)),
-                                     Meter(name, "out", L.stats), _writer(out)], tasks, str(out)),
+            Stage(f"{name}_find", [timed(SentenceFindDedups(str(base / "sigs"), str(base / "dups"), config=cfg), f"{name} find")], 1),
+            Stage(f"{name}_filter", [timed(_reader(prev), f"read {name}_filter"), Meter(name, "in", L.stats),
+                                     timed(SentenceDedupFilter(str(base / "dups"), config=cfg, language=tok,
+                                                               exclusion_writer=_writer(L.removed / name, True)), f"{name} filter"),
+                                     Meter(name, "out", L.stats), timed(_writer(out), f"write {name}")], tasks, str(out)),
         ]
         prev = out
     return stages
@@ -184,10 +206,10 @@ def run_stages(stages: list[Stage], logs: Path, workers: int = 1, quiet: bool = 
     # instead of re-importing them in every pool of every stage (forkserver, datatrove's default)
     method = "fork" if sys.platform == "linux" else "forkserver"
     if workers > 1 and any(getattr(s, "rule", "") in ("stopwords", "repetition") for st in stages for s in st.pipeline):
-        from geb.data.text import _jieba
+        from geb.data.text import _segmenter
 
         with contextlib.suppress(ImportError):
-            _jieba()
+            _segmenter()
     for st in stages:
         t0 = time.perf_counter()
         ex = LocalPipelineExecutor(st.pipeline, tasks=st.tasks, workers=max(1, min(workers, st.tasks)),
@@ -356,6 +378,20 @@ def slurm_executors(run: Run, **slurm_kwargs) -> list:
         execs.append(ex)
         prev = ex
     return execs
+
+
+def run_ray(input_dir: str | Path, output_dir: str | Path, overrides: dict | None = None, restart: bool = False,
+            tasks: int | None = None, mem_per_cpu_gb: float = 1.0, **ray_kwargs) -> Run:
+    """Run every stage on the Ray cluster `ray.init()` connected to, one datatrove RayPipelineExecutor per
+    stage, in order, with the local logging folders; then `run_pipeline` with the same arguments
+    publishes out/text, packs and reports (every task is already complete)."""
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    run = prepare_run(input_dir, output_dir, overrides, restart, tasks)
+    for st in run.stages:
+        RayPipelineExecutor(st.pipeline, tasks=st.tasks, logging_dir=str(run.layout.logs / st.name),
+                            mem_per_cpu_gb=mem_per_cpu_gb, **ray_kwargs).run()
+    return run
 
 
 def submit_slurm(input_dir: str | Path, output_dir: str | Path, overrides: dict | None = None,

@@ -17,7 +17,7 @@ import re
 from collections import Counter
 
 from geb.data.rules import Rule
-from geb.data.text import CJK_RE, LETTER_RE, is_chinese, units, words
+from geb.data.text import CJK_RE, LETTER_RE, cjk_count, doc_units, is_chinese, words
 from geb.errors import GebError
 
 
@@ -43,7 +43,7 @@ class LengthFilter(DocFilter):
     defaults = {"min_units": 10, "max_units": 500_000}
 
     def check(self, doc):
-        n = len(units(doc.text))
+        n = len(doc_units(doc.text))
         if n < self.p["min_units"]:
             return "too short"
         if n > self.p["max_units"]:
@@ -65,7 +65,7 @@ class GopherQualityFilter(DocFilter):
 
     def check(self, doc):
         text, p = doc.text, self.p
-        us = units(text)
+        us = doc_units(text)
         if not us:
             return "no words"
         n = len(us)
@@ -78,10 +78,11 @@ class GopherQualityFilter(DocFilter):
             ends = sum(1 for ln in lines if ln.rstrip().endswith(("...", "…")))
             if ends / len(lines) > p["max_ellipsis_lines_ratio"]:
                 return "ellipsis lines"
-        if sum(1 for u in us if LETTER_RE.search(u)) / n < p["min_alpha_ratio"]:
+        if sum(map(bool, map(LETTER_RE.search, us))) / n < p["min_alpha_ratio"]:
             return "few alphabetic words"
-        latin = [u for u in us if not CJK_RE.match(u)]
-        if len(latin) > n / 2:
+        # a CJK character is always a unit of its own, so the Latin units are the rest
+        if n - cjk_count(text) > n / 2:
+            latin = [u for u in us if not CJK_RE.match(u)]
             mean = sum(map(len, latin)) / len(latin)
             if not p["min_avg_word_length"] <= mean <= p["max_avg_word_length"]:
                 return "mean word length"
@@ -105,7 +106,7 @@ class StopwordFilter(DocFilter):
     defaults = {"min_words": 50, "min_count": 2, "min_density": 0.02, "max_keyword_ratio": 0.2}
 
     def check(self, doc):
-        if len(units(doc.text)) < self.p["min_words"]:  # units ≥ words: skips jieba for short documents
+        if len(doc_units(doc.text)) < self.p["min_words"]:  # units ≥ words: skips jieba for short documents
             return None
         ws = [w.lower() for w in words(doc.text)]
         if len(ws) < self.p["min_words"]:
@@ -154,30 +155,32 @@ class RepetitionFilter(DocFilter):
         f, fc = _dup_fraction(lines)
         if f > p["dup_line_frac"] or fc > p["dup_line_char_frac"]:
             return "duplicate lines"
-        if len(units(text)) < p["min_words"]:  # units ≥ words: skips jieba for short documents
+        if len(doc_units(text)) < p["min_words"]:  # units ≥ words: skips jieba for short documents
             return None
         ws = words(text)
         total = sum(len(w) for w in ws)
         if not total or len(ws) < p["min_words"]:
             return None
         for n, limit in sorted((int(k), v) for k, v in p["top_ngram"].items()):
-            grams = Counter(tuple(ws[i:i + n]) for i in range(len(ws) - n + 1))
+            grams = Counter(zip(*(ws[k:] for k in range(n))))  # the n-grams as tuples, built in C
             if grams:
                 g, c = grams.most_common(1)[0]
                 if c > 1 and c * sum(len(w) for w in g) / total > limit:
                     return f"top {n}-gram"
+        lens = [len(w) for w in ws]
         for n, limit in sorted((int(k), v) for k, v in p["dup_ngram"].items()):
             if len(ws) < n:
                 break
-            seen, covered = set(), [False] * len(ws)
-            for i in range(len(ws) - n + 1):
-                g = tuple(ws[i:i + n])
+            seen, covered, any_dup = set(), [False] * len(ws), False
+            for i, g in enumerate(zip(*(ws[k:] for k in range(n)))):
                 if g in seen:
-                    for j in range(i, i + n):
-                        covered[j] = True
+                    covered[i:i + n] = (True,) * n
+                    any_dup = True
                 else:
                     seen.add(g)
-            if sum(len(w) for w, c in zip(ws, covered) if c) / total > limit:
+            if not any_dup:
+                break  # a repeated (n+1)-gram holds a repeated n-gram: no longer one repeats either
+            if sum(x for x, c in zip(lens, covered) if c) / total > limit:
                 return f"duplicate {n}-grams"
         return None
 

@@ -26,10 +26,11 @@ def _load(folder: Path, pattern: str) -> list[dict]:
 def _rule_row(L, name: str, stage: str) -> dict:
     parts = _load(L.stats / name, "[0-9]*[0-9].json")
     row = {"step": name, "stage": stage, "docs_in": 0, "docs_out": 0, "chars_in": 0, "chars_out": 0,
-           "reasons": Counter(), "examples": []}
+           "seconds": 0.0, "reasons": Counter(), "examples": []}
     for p in parts:
         for k in ("docs_in", "docs_out", "chars_in", "chars_out"):
             row[k] += p[k]
+        row["seconds"] += p.get("seconds", 0.0)
         row["reasons"].update(p["reasons"])
         row["examples"].extend(p["examples"][: max(0, MAX_EXAMPLES - len(row["examples"]))])
     return row
@@ -66,6 +67,22 @@ def _dedup_row(L, name: str) -> dict:
     return row
 
 
+def step_seconds(L, stages, steps: list[dict]) -> dict:
+    """Seconds of each step's own work summed over tasks, in pipeline order: rules from their rows,
+    readers, writers and datatrove's dedup steps from the Timed wrappers' files."""
+    from geb.data.steps import MeteredStep, Timed
+
+    rows = {r["step"]: r for r in steps}
+    out = {}
+    for st in stages:
+        for step in st.pipeline:
+            if isinstance(step, Timed):
+                out[step.label] = round(sum(p["seconds"] for p in _load(L.stats / "timing" / step.label, "*.json")), 3)
+            elif isinstance(step, MeteredStep) and step.name in rows:
+                out[step.name] = round(rows[step.name]["seconds"], 3)
+    return out
+
+
 def build_report(L, settings: dict, files: list[str], stages, times: dict, elapsed: float, text_meta: dict,
                  packed: dict | None) -> dict:
     rules = settings["rules"]
@@ -93,6 +110,12 @@ def build_report(L, settings: dict, files: list[str], stages, times: dict, elaps
         r["docs_removed"] = r["docs_in"] - r["docs_out"]
         r["chars_removed"] = r["chars_in"] - r["chars_out"]
         r["reasons"] = dict(r["reasons"])
+        if "seconds" in r:
+            r["seconds"] = round(r["seconds"], 3)
+    seconds = step_seconds(L, stages, steps)
+    for r in steps:
+        if r["stage"] == "dedup":  # a dedup rule's time: its signature, bucket/find, cluster and filter steps
+            r["seconds"] = round(sum(v for k, v in seconds.items() if k.startswith(f"{r['step']} ")), 3)
     mb = chars_read / 1e6
     report = {
         "input": {"files": len(files), "documents": docs_read, "chars": chars_read,
@@ -104,6 +127,7 @@ def build_report(L, settings: dict, files: list[str], stages, times: dict, elaps
                                     if packed else None),
                    "token_documents": packed["documents"] if packed else None},
         "timing": {"seconds": round(elapsed, 3), "stages": {k: round(v, 3) for k, v in times.items()},
+                   "steps": seconds,
                    "docs_per_s": round(docs_read / elapsed, 1) if elapsed > 0 else None,
                    "mchars_per_s": round(mb / elapsed, 3) if elapsed > 0 else None},
         "settings": settings,
@@ -183,6 +207,11 @@ def _markdown(r: dict, chart: str | None) -> str:
         md.append("")
     t = r["timing"]
     md += ["## Timing", "", f"{t['seconds']} s in all; {t['docs_per_s']} docs/s, {t['mchars_per_s']} M chars/s.", ""]
-    md += [f"- {k}: {v} s" for k, v in t["stages"].items()]
+    md += ["| stage | seconds |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in t["stages"].items()]
+    if t.get("steps"):
+        total = sum(t["steps"].values()) or 1
+        md += ["", "Time in each step's own work (summed over tasks; rules, readers, writers, dedup steps):", "",
+               "| step | seconds | share |", "|---|---:|---:|"]
+        md += [f"| {k} | {v} | {_pct(v, total)} |" for k, v in t["steps"].items()]
     md += ["", "Settings are in report.json (`settings`) and config.json."]
     return "\n".join(md) + "\n"

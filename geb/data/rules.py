@@ -19,7 +19,7 @@ from pathlib import Path
 from datatrove.data import Document
 
 from geb.data.steps import MeteredStep
-from geb.data.text import CJK_RE, INLINE_CODE_RE, LINE_END_RE, code_line_mask, split_sentences, units
+from geb.data.text import CJK_RE, INLINE_CODE_RE, code_line_mask, ends_sentence, nonspace_count, split_sentences, units
 from geb.errors import GebError
 
 
@@ -45,15 +45,16 @@ class Rule(MeteredStep):
         lines = doc.text.split("\n")
         code = code_line_mask(lines)
         out = []
+        append = out.append
         for line, is_code in zip(lines, code):
-            if is_code or not line.strip():
-                out.append(line)
+            if is_code or line.isspace() or not line:
+                append(line)
                 continue
             new = fn(line)
             if new is None:
                 self.removed(doc, line, reason)
             else:
-                out.append(new)
+                append(new)
         return tidy("\n".join(out))
 
     def sub_outside_code(self, doc: Document, text: str, pattern: re.Pattern, repl, reason: str,
@@ -90,10 +91,16 @@ class Rule(MeteredStep):
         return "\n".join(lines)
 
 
+TRAILING_SPACE_RE = re.compile(r"[ \t]+\n")
+BLANK_LINES_RE = re.compile(r"\n{3,}")
+
+
 def tidy(text: str) -> str:
     """Trailing spaces off each line, at most one blank line in a row, no blank edges."""
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    text = re.sub(r"\n{3,}", "\n\n", text)
+    if " \n" in text or "\t\n" in text:  # the substring tests are much cheaper than the regexes
+        text = TRAILING_SPACE_RE.sub("\n", text)
+    if "\n\n\n" in text:
+        text = BLANK_LINES_RE.sub("\n\n", text)
     return text.strip("\n")
 
 
@@ -167,16 +174,32 @@ class MojibakeRule(Rule):
             "(ftfy's badness test, or GBK garbage such as 锟斤拷/烫烫烫)")
     defaults = {"repair": True}
 
+    def setup(self):
+        from ftfy import chardata
+
+        # fix_encoding re-decodes text through the one-byte encodings that can encode all of it, and
+        # otherwise only repairs sequences UTF8_DETECTOR_RE finds. No one-byte encoding holds a CJK
+        # character, so a text with one that the detector does not match comes back unchanged: skip
+        # ftfy's whole-text badness scan there (checked against the installed ftfy, else always call it).
+        self._detector = getattr(chardata, "UTF8_DETECTOR_RE", None)
+        if self._detector is not None and any(chardata.possible_encoding("中", e) for e in chardata.CHARMAP_ENCODINGS):
+            self._detector = None
+
     def process(self, doc):
         from ftfy import fix_encoding
         from ftfy.badness import is_bad
 
-        if self.p["repair"]:
+        if self.p["repair"] and not (self._detector is not None and CJK_RE.search(doc.text)
+                                     and not self._detector.search(doc.text)):
             fixed = fix_encoding(doc.text)
             if fixed != doc.text:
                 self.removed(doc, doc.text, "repaired", count=1)
                 doc.text = fixed
-        # U+FFFD is left to replacement_chars (ftfy counts it as bad too)
+        # U+FFFD is left to replacement_chars (ftfy counts it as bad too). A line can only be dropped
+        # when the document holds GBK garbage or a lead-byte letter: otherwise only tidy what map_lines would
+        if not GBK_GARBAGE_RE.search(doc.text) and not LEAD_BYTE_RE.search(doc.text):
+            doc.text = tidy(doc.text)
+            return doc
         doc.text = self.map_lines(
             doc, lambda ln: None if GBK_GARBAGE_RE.search(ln) or (
                 LEAD_BYTE_RE.search(ln) and is_bad(ln.replace("\ufffd", ""))) else ln,
@@ -207,8 +230,7 @@ class ReplacementCharsRule(Rule):
         return doc
 
 
-SPACE_RE = re.compile(r"\s")
-ALNUM_RE = re.compile(r"[^\W_]")
+ALNUM_RUN_RE = re.compile(r"[^\W_]+")
 
 
 class SymbolLinesRule(Rule):
@@ -220,10 +242,13 @@ class SymbolLinesRule(Rule):
         lo, mx = self.p["min_chars"], self.p["max_ratio"]
 
         def keep(ln):
-            n = len(ln) - len(SPACE_RE.findall(ln))
+            if len(ln) < lo:
+                return ln
+            rest = ALNUM_RUN_RE.sub("", ln)  # letters, digits and CJK are all \w (less _): symbols and spaces remain
+            sym = nonspace_count(rest)
+            n = len(ln) - (len(rest) - sym)
             if n < lo:
                 return ln
-            sym = n - len(ALNUM_RE.findall(ln))  # letters, digits and CJK are all \w (less _)
             return None if sym / n > mx else ln
 
         doc.text = self.map_lines(doc, keep, "symbol line")
@@ -313,6 +338,7 @@ PHONE_RE = re.compile(
     r"|(?:\+1[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}"      # North American with separators
     r"|\+\d{1,3}(?:[ .-]\d{2,4}){2,4}"                     # international with + and separators
     r")(?![0-9A-Za-z])")
+DIGIT_RE = re.compile(r"\d")
 URL_RE = re.compile(r"\b(?:https?://|ftp://|www\.)[^\s<>\"'`，。！？、；）」』]+[^\s<>\"'`，。！？、；）」』.,;:!?)\]]")
 
 
@@ -327,7 +353,11 @@ class PiiRule(Rule):
         if mode not in ("mask", "remove"):
             raise GebError(f"rule 'pii': mode must be mask or remove (got {mode!r})")
         text = doc.text
+        has_digit = DIGIT_RE.search(text) is not None
         for kind, pat in (("email", EMAIL_RE), ("id_number", ID_RE), ("phone", PHONE_RE)):
+            # every e-mail has an @ and every ID or phone number a digit: skip the scans that cannot match
+            if not (("@" in text) if kind == "email" else has_digit):
+                continue
             text = self.sub_outside_code(doc, text, pat, self.p[kind] if mode == "mask" else "", kind,
                                          redact=True)
         doc.text = text
@@ -388,12 +418,25 @@ BOILERPLATE_RE = re.compile(
     r"版权所有|转载请注明|免责声明|点击(?:这里|此处|查看)|返回顶部|上一篇|下一篇|扫一扫|关注我们|加入收藏|设为首页", re.I)
 
 
+# A phrase every BOILERPLATE_RE alternative contains: substring tests over the lowered text are ~15x
+# cheaper than the case-insensitive alternation, so the regex only runs where one is present.
+BOILERPLATE_KEYS = ("javascript", "cookie", "terms of", "privacy policy", "all rights reserved", "lorem ipsum", "版权所有",
+                    "转载请注明", "免责声明", "点击", "返回顶部", "上一篇", "下一篇", "扫一扫", "关注我们", "加入收藏", "设为首页")
+
+
+def _lowered_like_re_i(text: str) -> str:
+    """Lower case such that whatever re.I matches to an ASCII letter becomes that letter: İ lowers to
+    two characters, and re.I also matches ı to i and ſ to s (re._casefix)."""
+    return text.replace("\u0130", "i").lower().replace("\u0131", "i").replace("\u017f", "s")
+
+
 class BoilerplateRule(Rule):
     rule = "boilerplate"
     help = "drop navigation/legal boilerplate lines (C4's javascript/cookie/terms lines, 版权所有, 上一篇/下一篇 ...)"
 
     def process(self, doc):
-        if BOILERPLATE_RE.search(doc.text):
+        low = _lowered_like_re_i(doc.text)
+        if any(k in low for k in BOILERPLATE_KEYS) and BOILERPLATE_RE.search(doc.text):
             doc.text = self.map_lines(doc, lambda ln: None if BOILERPLATE_RE.search(ln) else ln, "boilerplate")
         return doc
 
@@ -404,12 +447,13 @@ class IncompleteLinesRule(Rule):
             "(closing quotes/brackets allowed after); code blocks are kept")
 
     def process(self, doc):
-        doc.text = self.map_lines(doc, lambda ln: ln if LINE_END_RE.search(ln) else None, "incomplete")
+        doc.text = self.map_lines(doc, lambda ln: ln if ends_sentence(ln) else None, "incomplete")
         return doc
 
 
 def norm_key(s: str) -> str:
-    return re.sub(r"\s+", " ", s.strip().lower())
+    """Case and whitespace folded (str.split's whitespace is the regex \\s)."""
+    return " ".join(s.lower().split())
 
 
 class InDocDedupRule(Rule):
