@@ -1,15 +1,23 @@
 """geb vs llama.cpp on the same weights and machine, side by side: prefill, decode, time to first token.
 
-    python bench/llamacpp_vs_geb.py                       # geb-1.3b shape, random weights, 4 formats
-    python bench/llamacpp_vs_geb.py --config geb-tiny --formats int8,int4 --reps 3
+    python bench/llamacpp_vs_geb.py                       # geb-1.3b shape, random weights, 4 formats, 1 and 2 threads
+    python bench/llamacpp_vs_geb.py --config geb-tiny --formats int4 --reps 1 --threads 1
+    python bench/llamacpp_vs_geb.py --smoke               # quick end-to-end check (geb-tiny), ...-smoke.json
 
-Needs the optional extra `llamacpp` (llama-cpp-python, compiles llama.cpp on install) and `gguf`.
+Needs the optional extras `llamacpp` (llama-cpp-python, compiles llama.cpp on install; cmake) and `export`
+(gguf). Two baselines: llama-cpp-python (the binding, driven token by token from Python as geb is) and
+llama-bench, built once from the llama.cpp source that the installed llama-cpp-python's sdist vendors
+(bench/_llamabench.py: several minutes on 2 cores the first time, then kept in --workdir).
 Steps: (1) random weights of the preset's shape are written once to a safetensors file in geb's names
 (deterministic per tensor); (2) from that file, geb's quantized weight files (bf16, int8, int4) and
-GGUF files (F32, BF16, Q8_0, Q4_0) are written once into --workdir; (3) each measurement runs in a
-fresh process that maps one file, alternating geb and llama.cpp (the order flips every repetition), so
-neighbours' noise hits both engines alike; medians are taken and ratios geb / llama.cpp printed and
-written as JSON under bench/results/.
+GGUF files (F32, BF16, Q8_0, Q4_0) are written once into --workdir; (3) for each repetition, format and
+thread count, geb, llama-cpp-python and llama-bench run one after another, each in a fresh process that
+maps one file (the order rotates every repetition, so neighbours' noise hits all engines alike). Each
+measures prefill of --prompt-len tokens, decode of --new-tokens tokens from an empty context, and
+decode after --prompt-len tokens (llama-bench: pp<P>, tg<G>, tg<G> at -d <P>). Medians are taken and
+ratios geb / the faster baseline printed and written as JSON (with the CPU model, its ISA flags, geb's
+kernel path and the llama.cpp commit) and as markdown under bench/results/. Peak resident memory is
+VmHWM from /proc (not ru_maxrss, which carries the parent's peak into a child).
 
 Format pairs: fp32↔F32, bf16↔BF16, int8↔Q8_0, int4↔Q4_0. geb's int4 keeps the lm head and the
 embedding in int8, so the Q4_0 GGUF stores output.weight and token_embd.weight as Q8_0 too.
@@ -29,6 +37,7 @@ import subprocess
 import sys
 import time
 import zlib
+from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +45,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _llamabench  # noqa: E402
+from _llamabench import vmhwm_bytes  # noqa: E402
 from geb.config import get_preset  # noqa: E402
 
 GGUF_TYPE = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
@@ -186,8 +198,17 @@ def write_gguf(cfg, src: Path, fmt: str, out: Path) -> None:
 
 
 # -- one measurement (child process) --------------------------------------------------------------
+def geb_kernel_path() -> dict:
+    """Which of geb's decode paths this process runs: the native core's own description where it has
+    one (geb.infer.native.describe()), else the PyTorch path."""
+    from geb.infer import native
+
+    describe = getattr(native, "describe", None)
+    return describe() if callable(describe) else {"path": "torch"}
+
+
 def child_geb(args) -> dict:
-    from geb.infer.bench import bench_runtime, peak_rss_bytes
+    from geb.infer.bench import bench_runtime
     from geb.infer.runtime import build_runtime
     from geb.infer.weights import SafeTensorsMap, read_config, runtime_from_quantized
 
@@ -201,23 +222,22 @@ def child_geb(args) -> dict:
         cfg, q = read_config(folder)
         rt = runtime_from_quantized(folder, cfg, q)
     load = time.perf_counter() - t0
-    rt.set_threads(args.threads)
+    rt.set_threads(args.threads[0])
     r = bench_runtime(rt, args.prompt_len, args.new_tokens)
-    return {"engine": "geb", "format": args.format, "load_s": load, "prefill_tok_s": r["prefill_tok_s"],
-            "ttft_s": r["ttft_s"], "decode_tok_s": r["decode_tok_s"], "decode_at_depth_tok_s": r["decode_at_depth_tok_s"],
-            "peak_rss_bytes": peak_rss_bytes(), "weight_bytes": r["weight_bytes"], "bytes_per_token": r["bytes_per_token"]}
+    return {"engine": "geb", "format": args.format, "threads": args.threads[0], "load_s": load,
+            "prefill_tok_s": r["prefill_tok_s"], "ttft_s": r["ttft_s"], "decode_tok_s": r["decode_tok_s"],
+            "decode_at_depth_tok_s": r["decode_at_depth_tok_s"], "peak_rss_bytes": vmhwm_bytes(),
+            "weight_bytes": r["weight_bytes"], "bytes_per_token": r["bytes_per_token"], "kernel": geb_kernel_path()}
 
 
 def child_llama(args) -> dict:
-    import resource
-
     from llama_cpp import Llama
 
     cfg = get_preset(args.config)
-    n, m = args.prompt_len, args.new_tokens
+    n, m, threads = args.prompt_len, args.new_tokens, args.threads[0]
     t0 = time.perf_counter()
-    llm = Llama(model_path=args.file, n_ctx=n + m + 16, n_batch=512, n_ubatch=512, n_threads=args.threads,
-                n_threads_batch=args.threads, verbose=False, use_mmap=True)
+    llm = Llama(model_path=args.file, n_ctx=n + m + 16, n_batch=512, n_ubatch=512, n_threads=threads,
+                n_threads_batch=threads, verbose=False, use_mmap=True)
     load = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     prompt = rng.integers(300, cfg.vocab_size, n).tolist()
@@ -247,63 +267,99 @@ def child_llama(args) -> dict:
         llm.eval([tok])
         tok = argmax()
     empty = m / (time.perf_counter() - t0)
-    return {"engine": "llama.cpp", "format": args.format, "load_s": load, "prefill_tok_s": n / ttft, "ttft_s": ttft,
-            "decode_tok_s": empty, "decode_at_depth_tok_s": deep,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "file_bytes": os.path.getsize(args.file)}
+    return {"engine": "llama-cpp-python", "format": args.format, "threads": threads, "load_s": load,
+            "prefill_tok_s": n / ttft, "ttft_s": ttft, "decode_tok_s": empty, "decode_at_depth_tok_s": deep,
+            "peak_rss_bytes": vmhwm_bytes(), "file_bytes": os.path.getsize(args.file)}
 
 
 # -- driver ---------------------------------------------------------------------------------------
 PHASES = ("prefill_tok_s", "decode_tok_s", "decode_at_depth_tok_s")
+ENGINES = ("geb", "llama-cpp-python", "llama-bench")
+BASELINES = ENGINES[1:]
 
 
-def run_child(engine: str, fmt: str, file: Path, a) -> dict:
+def run_child(engine: str, fmt: str, file: Path, threads: int, a) -> dict:
     cmd = [sys.executable, __file__, "--child", engine, "--format", fmt, "--file", str(file), "--config", a.config,
-           "--threads", str(a.threads), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens)]
+           "--threads", str(threads), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if engine == "geb" and a.omp_wait_policy != "inherit":
         from geb.infer.bench import wait_env
 
         env.update(wait_env(a.omp_wait_policy))
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if p.returncode != 0:
         raise RuntimeError(f"{engine} {fmt} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> int:
+def _int_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return out
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="geb-1.3b")
     ap.add_argument("--formats", default="fp32,bf16,int8,int4")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=2, help="alternating repetitions per format (median)")
+    ap.add_argument("--threads", type=_int_list, default=[1, 2], help="thread counts, e.g. 1,2 (default 1,2)")
+    ap.add_argument("--prompt-len", type=int, default=512, help="prefill length and decode depth (clamped to "
+                    "the preset's context)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per decode measurement")
+    ap.add_argument("--reps", type=int, default=2, help="alternating repetitions (median)")
+    ap.add_argument("--baselines", default=",".join(BASELINES), help="llama-bench and/or llama-cpp-python")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "inherit"],
                     help="OpenMP wait policy of geb's processes (llama.cpp has its own thread pool)")
-    ap.add_argument("--workdir", default="/tmp/geb-bench", help="where weight files are written once and reused")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/llamacpp_vs_geb-<config>-<date>.json)")
+    ap.add_argument("--workdir", default="/tmp/geb-bench",
+                    help="where weight files and the llama-bench build are kept and reused")
+    ap.add_argument("--smoke", action="store_true", help="a quick end-to-end check: geb-tiny, int4, 1 thread, "
+                    "1 rep, prompt 128, 16 new tokens; written as ...-smoke.json")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default bench/results/llamacpp_vs_geb-<config>-<date>[-smoke].json)")
     ap.add_argument("--child", choices=["geb", "llama"], help=argparse.SUPPRESS)
     ap.add_argument("--format", help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.smoke:
+        a.config, a.formats, a.threads, a.reps, a.prompt_len, a.new_tokens = "geb-tiny", "int4", [1], 1, 128, 16
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     if a.child:
-        torch.set_num_threads(a.threads)
+        torch.set_num_threads(a.threads[0])
         print(json.dumps(child_geb(a) if a.child == "geb" else child_llama(a)))
         return 0
 
+    baselines = [b.strip() for b in a.baselines.split(",") if b.strip()]
+    if not baselines or set(baselines) - set(BASELINES):
+        print(f"--baselines takes {' and/or '.join(BASELINES)}, got {a.baselines!r}", file=sys.stderr)
+        return 2
     try:
         import gguf  # noqa: F401
-        import llama_cpp
-    except ImportError as e:
+        if "llama-cpp-python" in baselines:
+            import llama_cpp  # noqa: F401
+        llama_version = _llamabench.installed_version()
+    except (ImportError, PackageNotFoundError) as e:
         print(f"needs the optional extras: pip install 'geb[llamacpp,export]' ({e})", file=sys.stderr)
         return 2
     cfg = get_preset(a.config)
+    if a.prompt_len + a.new_tokens + 1 > cfg.max_seq_len:
+        a.prompt_len = cfg.max_seq_len - a.new_tokens - 1
+        print(f"prompt length clamped to {a.prompt_len} ({a.config}'s context is {cfg.max_seq_len})", flush=True)
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     work = Path(a.workdir) / f"{a.config}-seed{a.seed}"
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    bench_info = _llamabench.ensure_llama_bench(Path(a.workdir)) if "llama-bench" in baselines else None
+    if bench_info and not bench_info["supports_depth"]:
+        print("this llama-bench has no -d (depth): its decode after the prompt is left out", flush=True)
     src = work / "random-fp32.safetensors"
     if not src.exists():
         print(f"writing random {a.config} weights to {src} ...", flush=True)
@@ -319,69 +375,127 @@ def main(argv=None) -> int:
             print(f"writing GGUF {GGUF_TYPE[fmt]} ...", flush=True)
             write_gguf(cfg, src, fmt, l)
         files[fmt] = (g, l)
-    print(f"prepared in {time.time() - t_start:.0f} s; measuring (threads={a.threads}, prompt {a.prompt_len}, "
-          f"{a.new_tokens} new tokens, {a.reps} alternating reps)", flush=True)
-    runs: dict = {f: {"geb": [], "llama.cpp": []} for f in formats}
+    t_measure = time.time()
+    engines = ["geb"] + baselines
+    print(f"prepared in {t_measure - t_start:.0f} s; measuring {', '.join(engines)} (threads {a.threads}, prompt "
+          f"{a.prompt_len}, {a.new_tokens} new tokens, {a.reps} alternating reps)", flush=True)
+    runs: dict = {f: {str(t): {e: [] for e in engines} for t in a.threads} for f in formats}
     for rep in range(a.reps):
         for fmt in formats:
-            order = ["geb", "llama"] if rep % 2 == 0 else ["llama", "geb"]
-            for eng in order:
-                r = run_child(eng, fmt, files[fmt][0 if eng == "geb" else 1], a)
-                runs[fmt][r["engine"]].append(r)
-                print(f"  rep {rep} {fmt:>5} {r['engine']:>9}: prefill {r['prefill_tok_s']:7.1f}  decode "
-                      f"{r['decode_tok_s']:6.2f}  @{a.prompt_len} {r['decode_at_depth_tok_s']:6.2f} tok/s  "
-                      f"ttft {r['ttft_s']:.3f} s  rss {r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
-    summary = {}
-    print(f"\n{'format':>6} {'phase':>22} {'geb':>9} {'llama.cpp':>10} {'geb/llama':>10}")
-    for fmt in formats:
-        summary[fmt] = {}
-        for ph in PHASES + ("ttft_s",):
-            g = statistics.median(r[ph] for r in runs[fmt]["geb"])
-            l = statistics.median(r[ph] for r in runs[fmt]["llama.cpp"])
-            ratio = g / l if ph != "ttft_s" else l / g  # >1 means geb is better in every row
-            summary[fmt][ph] = {"geb": g, "llama.cpp": l, "ratio": ratio}
-            print(f"{fmt:>6} {ph:>22} {g:9.2f} {l:10.2f} {ratio:10.2f}")
-        summary[fmt]["peak_rss_gib"] = {e: max(r["peak_rss_bytes"] for r in runs[fmt][k]) / 2**30
-                                        for e, k in (("geb", "geb"), ("llama.cpp", "llama.cpp"))}
+            for t in a.threads:
+                # each engine takes each place in the order in turn, so drifting load hits all alike
+                order = engines[rep % len(engines):] + engines[:rep % len(engines)]
+                for eng in order:
+                    if eng == "llama-bench":
+                        r = _llamabench.run_llama_bench(bench_info, files[fmt][1], t, a.prompt_len, a.new_tokens)
+                    else:
+                        r = run_child("geb" if eng == "geb" else "llama", fmt, files[fmt][0 if eng == "geb" else 1],
+                                      t, a)
+                    runs[fmt][str(t)][eng].append(r)
+                    print(f"  rep {rep} {fmt:>5} {t}t {eng:>16}: prefill {_fmt(r['prefill_tok_s'], 7, 1)}  decode "
+                          f"{_fmt(r['decode_tok_s'])}  @{a.prompt_len} {_fmt(r['decode_at_depth_tok_s'])} tok/s  "
+                          f"rss {r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    summary = summarize(runs, engines)
+    from geb.cpu import describe as cpu_describe
     from geb.infer.bench import machine_info
 
+    kernels = [r["kernel"] for f in runs.values() for t in f.values() for r in t["geb"]]
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python bench/llamacpp_vs_geb.py " + " ".join(sys.argv[1:]),
-              "machine": machine_info(), "llama_cpp_python": llama_cpp.__version__,
-              "settings": {k: getattr(a, k) for k in ("config", "formats", "threads", "prompt_len", "new_tokens", "reps",
-                                                    "seed", "omp_wait_policy")},
-              "note": "ratio = geb / llama.cpp for tokens/s, llama.cpp / geb for ttft_s (above 1: geb better)",
-              "summary": summary, "runs": runs, "wall_s": time.time() - t_start}
+              "command": " ".join(["python", "bench/llamacpp_vs_geb.py"] + sys.argv[1:]),
+              "cpu": cpu_describe(), "machine": machine_info(),
+              "geb_kernel": kernels[0] if kernels else None,
+              "geb_kernel_all_same": all(k == kernels[0] for k in kernels),
+              "llama_cpp_python": llama_version, "llama_bench": bench_info,
+              "settings": {"config": a.config, "formats": formats, "threads": a.threads, "prompt_len": a.prompt_len,
+                           "new_tokens": a.new_tokens, "reps": a.reps, "seed": a.seed, "baselines": baselines,
+                           "omp_wait_policy": a.omp_wait_policy, "GEB_ISA": os.environ.get("GEB_ISA"),
+                           "smoke": a.smoke},
+              "note": "ratio = geb / the faster baseline (llama-bench, llama-cpp-python) for tokens/s; for ttft_s "
+                      "llama-cpp-python / geb (llama-bench reports no ttft). Above 1: geb better. peak_rss from "
+                      "VmHWM (/proc): geb and llama-cpp-python read their own, llama-bench's polled from outside",
+              "summary": summary, "runs": runs, "prepare_s": t_measure - t_start, "measure_s": time.time() - t_measure,
+              "wall_s": time.time() - t_start}
+    suffix = "-smoke" if a.smoke else ""
     out = Path(a.out) if a.out else ROOT / "bench" / "results" / (
-        f"llamacpp_vs_geb-{a.config}-{datetime.date.today().isoformat()}.json")
+        f"llamacpp_vs_geb-{a.config}-{datetime.date.today().isoformat()}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)
     md = markdown(report)
     out.with_suffix(".md").write_text(md)
     print("\n" + md)
-    print(f"wrote {out} and {out.with_suffix('.md').name} ({time.time() - t_start:.0f} s)")
+    print(f"wrote {out} and {out.with_suffix('.md').name} (prepare {report['prepare_s']:.0f} s, "
+          f"measure {report['measure_s']:.0f} s)")
     return 0
 
 
+def _fmt(x, width: int = 6, digits: int = 2) -> str:
+    return f"{x:{width}.{digits}f}" if x is not None else f"{'-':>{width}}"
+
+
+def summarize(runs: dict, engines: list[str]) -> dict:
+    """Medians per format, thread count, measure and engine; ratio geb / the faster baseline."""
+    summary: dict = {}
+    for fmt, by_threads in runs.items():
+        for t, by_engine in by_threads.items():
+            row = summary.setdefault(fmt, {}).setdefault(t, {})
+            for ph in PHASES:
+                med = {}
+                for e in engines:
+                    vals = [r[ph] for r in by_engine[e] if r.get(ph) is not None]
+                    med[e] = statistics.median(vals) if vals else None
+                base = {e: v for e, v in med.items() if e != "geb" and v is not None}
+                best = max(base, key=base.get) if base else None
+                row[ph] = {**med, "best_baseline": best,
+                           "ratio": med["geb"] / base[best] if best and med["geb"] is not None else None}
+            if "llama-cpp-python" in engines:
+                g = statistics.median(r["ttft_s"] for r in by_engine["geb"])
+                b = statistics.median(r["ttft_s"] for r in by_engine["llama-cpp-python"])
+                row["ttft_s"] = {"geb": g, "llama-cpp-python": b, "best_baseline": "llama-cpp-python", "ratio": b / g}
+            row["peak_rss_gib"] = {e: max(r["peak_rss_bytes"] for r in by_engine[e]) / 2**30 for e in engines}
+    return summary
+
+
 def markdown(report: dict) -> str:
-    """The summary as a table for docs/benchmarks.md."""
-    st = report["settings"]
-    m = report["machine"]
-    lines = [f"{report['date'][:10]}, {m['cpu']} ({m['physical_cores']} cores), torch {m['torch']}, "
-             f"llama-cpp-python {report['llama_cpp_python']}; `{report['command']}`; {st['threads']} threads, "
-             f"prompt {st['prompt_len']}, {st['new_tokens']} new tokens, {st['reps']} alternating reps (median).",
-             "", "Ratio geb / llama.cpp: above 1 is better for tok/s, below 1 is better for time and memory.", "",
-             "| format | phase | geb | llama.cpp | geb / llama.cpp |", "|---|---|---|---|---|"]
+    """Two tables for docs/benchmarks.md: the ratios (geb / the faster baseline), then every median."""
+    st, cpu = report["settings"], report["cpu"]
+    lb = report["llama_bench"]
+    build = f", llama-bench at llama.cpp {lb['llama_cpp_commit']}" if lb else ""
+    lines = [f"{report['date'][:16].replace('T', ' ')} UTC, {cpu['model']} ({cpu['physical_cores']} cores; "
+             f"{', '.join(cpu['isa_flags'])}), torch {report['machine']['torch']}, geb kernel path "
+             f"{json.dumps(report['geb_kernel'])}, llama-cpp-python {report['llama_cpp_python']}{build}; "
+             f"`{report['command']}`; prompt {st['prompt_len']}, {st['new_tokens']} new tokens, {st['reps']} "
+             f"alternating reps (median).", "",
+             "geb / the faster of " + " and ".join(st["baselines"]) + " (above 1: geb faster; the faster one in "
+             "brackets: b = llama-bench, p = llama-cpp-python):", "",
+             f"| format | threads | prefill {st['prompt_len']} | decode, empty context | "
+             f"decode after {st['prompt_len']} |", "|---|---:|---:|---:|---:|"]
+    tag = {"llama-bench": "b", "llama-cpp-python": "p", None: "-"}
+    for fmt, by_threads in report["summary"].items():
+        for t, row in by_threads.items():
+            cells = [f"{_fmt(row[ph]['ratio'], 0)} ({tag[row[ph]['best_baseline']]})" for ph in PHASES]
+            lines.append(f"| {fmt} ↔ {GGUF_TYPE[fmt]} | {t} | " + " | ".join(cells) + " |")
+    engines = ["geb"] + st["baselines"]
     names = {"prefill_tok_s": "prefill tok/s", "decode_tok_s": "decode tok/s (empty context)",
-             "decode_at_depth_tok_s": f"decode tok/s (after {st['prompt_len']})", "ttft_s": "time to first token, s"}
-    for fmt, rows in report["summary"].items():
-        for ph, name in names.items():
-            r = rows[ph]
-            ratio = r["geb"] / r["llama.cpp"]
-            lines.append(f"| {fmt} ↔ {GGUF_TYPE[fmt]} | {name} | {r['geb']:.2f} | {r['llama.cpp']:.2f} | {ratio:.2f} |")
-        rss = rows["peak_rss_gib"]
-        lines.append(f"| {fmt} ↔ {GGUF_TYPE[fmt]} | peak RSS, GiB | {rss['geb']:.2f} | {rss['llama.cpp']:.2f} | "
-                     f"{rss['geb'] / rss['llama.cpp']:.2f} |")
+             "decode_at_depth_tok_s": f"decode tok/s (after {st['prompt_len']})", "ttft_s": "time to first token, s",
+             "peak_rss_gib": "peak RSS, GiB"}
+    lines += ["", "| format | threads | measure | " + " | ".join(engines) + " | geb / best |",
+              "|---|---:|---|" + "---:|" * (len(engines) + 1)]
+    for fmt, by_threads in report["summary"].items():
+        for t, row in by_threads.items():
+            for key, name in names.items():
+                if key not in row:
+                    continue
+                r = row[key]
+                ratio = r.get("ratio")
+                if key == "peak_rss_gib":  # below 1: geb uses less
+                    others = [r[e] for e in st["baselines"] if r.get(e)]
+                    ratio = r["geb"] / min(others) if others else None
+                vals = " | ".join(_fmt(r.get(e), 0) for e in engines)
+                lines.append(f"| {fmt} ↔ {GGUF_TYPE[fmt]} | {t} | {name} | {vals} | {_fmt(ratio, 0)} |")
+    lines += ["", "Time to first token: llama-cpp-python / geb (llama-bench reports none). Peak RSS: geb / the "
+              "smaller baseline (below 1: geb uses less)."]
     return "\n".join(lines) + "\n"
 
 
