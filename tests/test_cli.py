@@ -62,3 +62,18 @@ def test_generate_and_chat_subprocess(geb_cli, tiny_model_dir):
 def test_prompt_longer_than_context(geb_cli, tiny_model_dir):
     p = geb_cli("generate", "a " * 400, "--model", tiny_model_dir, check=False)
     assert p.returncode == 2 and "context" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_info_says_which_decode_path_runs(capsys, monkeypatch):
+    from geb.infer import native
+
+    assert main(["info", "--config", "geb-test"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    if native.available():
+        assert line.startswith(f"decode path here: native core, {native.isa()} kernels")
+    else:
+        assert line == f"decode path here: PyTorch ({native.why()})"
+    monkeypatch.setitem(native._state, "lib", None)  # as where the extension was not built
+    monkeypatch.setitem(native._state, "why", "the native extension geb._native is not built")
+    assert main(["info", "--config", "geb-test"]) == 0
+    assert capsys.readouterr().out.strip().endswith("decode path here: PyTorch (the native extension geb._native is not built)")

@@ -32,4 +32,16 @@ def run(args) -> int:
         print(f"{info['name']}: {info['parameters']:,} parameters")
         for k, v in info["bytes"].items():
             print(f"  {k:>9}: {v / 2**30:.2f} GiB")
+        print(f"decode path here: {decode_path()}")
     return 0
+
+
+def decode_path() -> str:
+    """Which decode path this machine runs: geb's native core with its kernel variant, or torch and why."""
+    from geb.cpu import cpu_model
+    from geb.infer import native
+
+    d = native.describe()
+    if d["path"] == "native":
+        return f"native core, {d['isa']} kernels (this CPU runs: {', '.join(d['supported'])}; {cpu_model()})"
+    return f"PyTorch ({d['why']})"
