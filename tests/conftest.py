@@ -50,18 +50,34 @@ def tiny_cfg(tokenizer):
     return get_preset("geb-test").replace(vocab_size=pad_vocab(tokenizer.vocab_size))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer, tiny_cfg):
-    """A saved random geb-test model with the session tokenizer (read-only: copy before changing)."""
+def save_random_model(folder: Path, cfg, tokenizer) -> Path:
+    """A random GEB model of `cfg` (seed 0) saved as a checkpoint folder with `tokenizer`."""
     from geb.checkpoint import save_checkpoint
     from geb.model import GEB
 
     torch.manual_seed(0)
-    model = GEB(tiny_cfg)
+    model = GEB(cfg)
     model.init_weights(seed=0)
-    folder = tmp_path_factory.mktemp("models") / "tiny"
     save_checkpoint(folder, model, tokenizer, {"stage": "random", "parent": None})
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer, tiny_cfg):
+    """A saved random geb-test model with the session tokenizer (read-only: copy before changing)."""
+    return save_random_model(tmp_path_factory.mktemp("models") / "tiny", tiny_cfg, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tokens_dir(tmp_path_factory, tokenizer):
+    """SAMPLE_TEXT packed into token shards with the session tokenizer (read-only)."""
+    from geb.data.simple import pack_texts
+
+    root = tmp_path_factory.mktemp("tok")
+    tokenizer.save(root / "tokenizer")
+    d = root / "data"
+    pack_texts(SAMPLE_TEXT, tokenizer, d, val_fraction=0.1, seed=0, tokenizer_dir=root / "tokenizer")
+    return d
 
 
 def run_geb(*args: str, cwd: Path | None = None, timeout: float = 600, check: bool = True,

@@ -12,14 +12,13 @@ import torch
 import torch.distributed as tdist
 
 from geb.config import get_preset
-from geb.data.simple import pack_texts
 from geb.errors import GebError
 from geb.model import GEB
 from geb.train import dist, perf
 from geb.train.loop import TrainConfig
 from geb.train.pretrain import run_pretrain
 
-from conftest import ROOT, SAMPLE_TEXT
+from conftest import ROOT
 
 # DDP averages each gradient as one process does (g0/2 + g1/2, exact in binary floating point) and
 # clips with the same norm: its losses are identical to one process's, and the tests assert equality.
@@ -77,14 +76,6 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
         torch.testing.assert_close(out[1][1][n], g, rtol=1e-5, atol=1e-7)
     with pytest.raises(GebError, match="needs a CUDA device"):
         perf.check_attention("sdpa-flash", torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("dist")
-    tokenizer.save(root / "tokenizer")
-    pack_texts(SAMPLE_TEXT, tokenizer, root / "data", val_fraction=0.1, seed=0, tokenizer_dir=root / "tokenizer")
-    return root / "data"
 
 
 # batch 2 x grad-accum 2 = a global batch of 4 sequences; the cosine horizon is pinned to 6 steps so that

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, save_random_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -94,17 +94,10 @@ def _files(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory, tokenizer):
     """A model large enough (12 MB) that writing it takes a while to land a kill in."""
-    from geb.checkpoint import save_checkpoint
     from geb.config import get_preset
-    from geb.model import GEB
 
     cfg = get_preset("geb-test").replace(d_model=256, n_head=8, n_kv_head=4, head_dim=32, ffn_hidden=704, n_layer=4)
-    torch.manual_seed(0)
-    model = GEB(cfg)
-    model.init_weights(seed=0)
-    folder = tmp_path_factory.mktemp("kill-models") / "big"
-    save_checkpoint(folder, model, tokenizer, {"stage": "random", "parent": None})
-    return folder
+    return save_random_model(tmp_path_factory.mktemp("kill-models") / "big", cfg, tokenizer)
 
 
 def _kill_then_rerun(tmp_path, args_for, started_for, rng, delay, check_partial, same):

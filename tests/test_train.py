@@ -10,18 +10,6 @@ from geb.errors import GebError
 from geb.train.loop import TrainConfig, lr_at
 from geb.train.pretrain import run_pretrain
 
-from conftest import SAMPLE_TEXT
-
-
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("tok")
-    tokenizer.save(root / "tokenizer")
-    d = root / "data"
-    pack_texts(SAMPLE_TEXT, tokenizer, d, val_fraction=0.1, seed=0, tokenizer_dir=root / "tokenizer")
-    return d
-
-
 def _cfg(**kw):
     base = dict(steps=12, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=6, save_every=5,
                 log_every=1, dtype="fp32", device="cpu", seed=7)

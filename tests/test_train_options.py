@@ -9,13 +9,11 @@ import pytest
 import torch
 
 import geb.cpu
-from geb.data.simple import pack_texts
 from geb.errors import GebError
 from geb.train import perf
 from geb.train.loop import TrainConfig, choose_dtype
 from geb.train.pretrain import run_pretrain
 
-from conftest import SAMPLE_TEXT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,14 +44,6 @@ def test_auto_dtype_on_cuda_follows_the_gpu(monkeypatch, supported):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
     monkeypatch.setattr(geb.cpu, "cpu_flags", lambda: frozenset())  # the CPU plays no part
     assert choose_dtype("auto", CUDA)[0] == (torch.bfloat16 if supported else torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("opts")
-    tokenizer.save(root / "tokenizer")
-    pack_texts(SAMPLE_TEXT, tokenizer, root / "data", val_fraction=0.1, seed=0, tokenizer_dir=root / "tokenizer")
-    return root / "data"
 
 
 def _cfg(**kw):

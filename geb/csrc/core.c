@@ -52,45 +52,47 @@ static uint64_t xgetbv0(void) {
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
   return ((uint64_t)edx << 32) | eax;
 }
-/* cpuid bits, with the OS's consent to save the registers (xgetbv) */
-static int cpu_bits(int *avx2, int *avxvnni, int *avx512, int *vnni512, int *bf16512) {
+/* cpuid bits, with the OS's consent to save the registers (xgetbv); read once */
+static struct { int ready, avx2, avxvnni, avx512, vnni512, bf16512; } F;
+
+static void cpu_bits(void) {
   unsigned a, b, c, d;
-  *avx2 = *avxvnni = *avx512 = *vnni512 = *bf16512 = 0;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+  if (F.ready) return;
+  F.ready = 1;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return;
   const int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
-  if (!osxsave || !avx) return 0;
+  if (!osxsave || !avx || __get_cpuid_max(0, NULL) < 7) return;
   const uint64_t xcr0 = xgetbv0();
   const int ymm_ok = (xcr0 & 0x6) == 0x6, zmm_ok = (xcr0 & 0xe6) == 0xe6;
-  if (__get_cpuid_max(0, NULL) < 7) return 0;
   __cpuid_count(7, 0, a, b, c, d);
   const int has_avx2 = (b >> 5) & 1, f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
   const int vnni = (c >> 11) & 1;
   unsigned a1, b1, c1, d1;
   __cpuid_count(7, 1, a1, b1, c1, d1);
   const int avx_vnni = (a1 >> 4) & 1, bf16 = (a1 >> 5) & 1;
-  *avx2 = ymm_ok && has_avx2 && fma && f16c;
-  *avxvnni = *avx2 && avx_vnni;
-  *avx512 = *avx2 && zmm_ok && f && dq && bw && vl;
-  *vnni512 = *avx512 && vnni;
-  *bf16512 = *vnni512 && bf16;
-  return 1;
+  F.avx2 = ymm_ok && has_avx2 && fma && f16c;
+  F.avxvnni = F.avx2 && avx_vnni;
+  F.avx512 = F.avx2 && zmm_ok && f && dq && bw && vl;
+  F.vnni512 = F.avx512 && vnni;
+  F.bf16512 = F.vnni512 && bf16;
 }
-__attribute__((unused)) static int has_avx2(void) { int a, b, c, d, e; cpu_bits(&a, &b, &c, &d, &e); return a; }
-__attribute__((unused)) static int has_avxvnni(void) { int a, b, c, d, e; cpu_bits(&a, &b, &c, &d, &e); return b; }
-__attribute__((unused)) static int has_avx512(void) { int a, b, c, d, e; cpu_bits(&a, &b, &c, &d, &e); return c; }
-__attribute__((unused)) static int has_avx512vnni(void) { int a, b, c, d, e; cpu_bits(&a, &b, &c, &d, &e); return d; }
-__attribute__((unused)) static int has_avx512bf16(void) { int a, b, c, d, e; cpu_bits(&a, &b, &c, &d, &e); return e; }
+#define HAS(field) \
+  __attribute__((unused)) static int has_##field(void) { cpu_bits(); return F.field; }
+HAS(avx2)
+HAS(avxvnni)
+HAS(avx512)
+HAS(vnni512)
+HAS(bf16512)
 #endif
 static int always(void) { return 1; }
 
-/* best first */
 /* best first; setup.py defines GEB_HAVE_<VARIANT> for each variant its compiler built */
 static const IsaVariant VARIANTS[] = {
 #if GEB_X86 && defined(GEB_HAVE_AVX512BF16)
-    {"avx512bf16", geb_kernels_avx512bf16, has_avx512bf16},
+    {"avx512bf16", geb_kernels_avx512bf16, has_bf16512},
 #endif
 #if GEB_X86 && defined(GEB_HAVE_AVX512VNNI)
-    {"avx512vnni", geb_kernels_avx512vnni, has_avx512vnni},
+    {"avx512vnni", geb_kernels_avx512vnni, has_vnni512},
 #endif
 #if GEB_X86 && defined(GEB_HAVE_AVX512)
     {"avx512", geb_kernels_avx512, has_avx512},
@@ -452,7 +454,6 @@ typedef struct {
   int64_t b;
   const int64_t *tokens, *pos;
   float *logits;
-  int err;
 } Step;
 
 /* a view of rows r0..r0+n of a weight */
@@ -654,9 +655,9 @@ int geb_decode(GebModel *m, int64_t b, const int64_t *tokens, const int64_t *pos
     m->tscr_each = each;
     m->tscr_threads = nth;
   }
-  Step st = {m, kernels(), b, tokens, pos, logits, 0};
+  Step st = {m, kernels(), b, tokens, pos, logits};
   pool_run(step_task, &st);
-  return st.err;
+  return 0;
 }
 
 /* ---- single products (tests, prefill's weight widening) ------------------------------------------ */
@@ -673,7 +674,7 @@ typedef struct {
 
 static void matmul_task(void *arg, int tid, int nth) {
   MatJob *j = arg;
-  Step st = {j->m, j->k, j->rows, NULL, NULL, NULL, 0};
+  Step st = {j->m, j->k, j->rows, NULL, NULL, NULL};
   for (int64_t b = tid; b < j->rows; b += nth) prep_row(&st, j->w, j->x, j->w->k, b);
   pool_barrier(nth);
   GebAct a = act_of(&st, j->x, j->w->k);

@@ -161,7 +161,7 @@ class Runtime:
     def set_threads(self, n: int) -> None:
         self.threads = max(1, int(n))
         self._torch_threads = None
-        if self.native or any(getattr(L.wqkv, "native", False) for L in self.layers):
+        if self.native:
             from geb.infer import native
 
             native.set_threads(self.threads)
