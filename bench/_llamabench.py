@@ -14,7 +14,7 @@ LLAMA_BUILD_COMMIT, which llama-bench then reports in its JSON as build_commit.
 Peak memory: `ru_maxrss` of a child starts from its parent's peak on Linux (the forked copy of the
 parent's address space carries its high-water mark through exec), so a parent that has just written a
 5 GB weight file makes every child report 5 GB. VmHWM in /proc/<pid>/status belongs to the address
-space that exec created, so it is the child's own peak: `vmhwm_bytes()` reads it inside a measuring
+space that exec created, so it is the child's own peak: `geb.infer.bench.peak_rss_bytes()` reads it inside a measuring
 child, and `run_polled()` polls it for llama-bench from outside while it runs (every 20 ms; VmHWM
 only grows, and llama-bench reaches its peak when it maps the model and allocates its buffers, long
 before it exits).
@@ -35,6 +35,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from geb.infer.bench import peak_rss_bytes
+
 BUILD_JOBS = 2
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
                "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
@@ -42,25 +44,13 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED
 
 
 # -- peak resident memory -------------------------------------------------------------------------
-def vmhwm_bytes(pid: int | str = "self") -> int:
-    """Peak resident set size of a process's current address space (0 where /proc has none)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def run_polled(cmd: list[str], timeout: float, interval: float = 0.02) -> tuple[int, str, str, int]:
     """Run cmd to the end; returns (exit code, stdout, stderr, peak VmHWM seen while it ran)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
         peak, deadline = 0, time.monotonic() + timeout
         while p.poll() is None:
-            peak = max(peak, vmhwm_bytes(p.pid))
+            peak = max(peak, peak_rss_bytes(p.pid))
             if time.monotonic() > deadline:
                 p.kill()
                 p.wait()

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _llamabench  # noqa: E402
-from _llamabench import vmhwm_bytes  # noqa: E402
+from geb.infer.bench import peak_rss_bytes  # noqa: E402
 from geb.config import get_preset  # noqa: E402
 
 GGUF_TYPE = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
@@ -226,7 +226,7 @@ def child_geb(args) -> dict:
     r = bench_runtime(rt, args.prompt_len, args.new_tokens)
     return {"engine": "geb", "format": args.format, "threads": args.threads[0], "load_s": load,
             "prefill_tok_s": r["prefill_tok_s"], "ttft_s": r["ttft_s"], "decode_tok_s": r["decode_tok_s"],
-            "decode_at_depth_tok_s": r["decode_at_depth_tok_s"], "peak_rss_bytes": vmhwm_bytes(),
+            "decode_at_depth_tok_s": r["decode_at_depth_tok_s"], "peak_rss_bytes": peak_rss_bytes(),
             "weight_bytes": r["weight_bytes"], "bytes_per_token": r["bytes_per_token"], "kernel": geb_kernel_path()}
 
 
@@ -269,7 +269,7 @@ def child_llama(args) -> dict:
     empty = m / (time.perf_counter() - t0)
     return {"engine": "llama-cpp-python", "format": args.format, "threads": threads, "load_s": load,
             "prefill_tok_s": n / ttft, "ttft_s": ttft, "decode_tok_s": empty, "decode_at_depth_tok_s": deep,
-            "peak_rss_bytes": vmhwm_bytes(), "file_bytes": os.path.getsize(args.file)}
+            "peak_rss_bytes": peak_rss_bytes(), "file_bytes": os.path.getsize(args.file)}
 
 
 # -- driver ---------------------------------------------------------------------------------------

@@ -203,3 +203,42 @@ def test_chunked_prefill_in_the_scheduler_matches_alone(tiny_cfg, tokenizer):
         assert r.ids == list(eng.generate_ids(x, p)), r.id
         assert r.finish_reason == "length"
     assert not be.active and not be.prefilling and be.cache.lengths == [0, 0, 0]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int4"])
+def test_a_prompt_is_cut_at_the_same_positions_under_load(tiny_cfg, tokenizer, fmt):
+    """Batch invariance of prefill: where a prompt's chunks start must not depend on the requests queued
+    before it (chunk products depend on their row count), so its tokens equal the server's answer alone."""
+    eng = Engine(peaky_model(tiny_cfg), tokenizer, format=fmt)
+    p = SamplingParams(max_new_tokens=6, temperature=0, stop_ids=[])
+    first, second = tokenizer.encode("Water boils at 100 C"), tokenizer.encode("The capital of France is Paris and")
+    assert len(first) % 4 and len(second) > 8  # the first prompt ends mid-chunk
+
+    def run(prompts):
+        be = eng.batch_engine(max_batch=2, max_len=64, prefill_chunk=4)
+        slices: list[list[int]] = []
+        prefill = be.rt.prefill
+
+        def spy(ids, cache, slot=0, **kw):
+            slices.append(list(ids))
+            return prefill(ids, cache, slot, **kw)
+
+        be.rt.prefill = spy
+        try:
+            reqs = [be.submit(x, p) for x in prompts]
+            be.run()
+        finally:
+            del be.rt.prefill
+        cuts, pos = [], 0  # the lengths of the slices that make up the last prompt, in order
+        for sl in slices:
+            if sl == second[pos : pos + len(sl)]:
+                cuts.append(len(sl))
+                pos += len(sl)
+        assert pos == len(second)
+        return reqs[-1].ids, cuts
+
+    alone_ids, alone_cuts = run([second])
+    loaded_ids, loaded_cuts = run([first, second])
+    assert alone_cuts[:-1] == [4] * (len(alone_cuts) - 1)
+    assert loaded_cuts == alone_cuts
+    assert loaded_ids == alone_ids

@@ -122,10 +122,11 @@ class Event:
 
 
 class BatchEngine:
-    """Slot scheduler. `prefill_chunk` bounds how many prompt tokens are prefilled per step (None: whole
-    prompts at once), so a long prompt joining the batch delays the others' next token by one chunk,
-    not by its whole prefill; the prompt's logits are exactly those of one pass (chunked prefill
-    attends to the cached part)."""
+    """Slot scheduler. Prompts are prefilled in chunks of `prefill_chunk` tokens (None: whole prompts at
+    once), at most about one chunk per step, so a long prompt joining the batch delays the others' next
+    token by one chunk, not by its whole prefill (each chunk attends to the cached part). A request's
+    chunks and its decode rows are computed the same way whatever else runs: served under load, it
+    gets bit for bit what it gets alone."""
 
     def __init__(self, runtime: Runtime, tokenizer, max_batch: int = 8, max_len: int | None = None,
                  prefill_chunk: int | None = 256):
@@ -184,11 +185,16 @@ class BatchEngine:
                 self._admit(r, events)
             except Exception as e:  # noqa: BLE001 - one request's bad settings fail it alone
                 self._fail(r, e, events)
-        budget = self.prefill_chunk or float("inf")
+        # A prompt is cut at the same positions (multiples of prefill_chunk from its own start) whatever
+        # else is queued: the products of a chunk depend on its row count, so cutting where the step's
+        # budget ran out would make a request's tokens depend on its neighbours. The last chunk of a step
+        # may overshoot the budget by less than one chunk.
+        chunk = self.prefill_chunk or float("inf")
+        budget = chunk
         while self.prefilling and budget > 0:
             r = self.prefilling[0]
             n0 = r._prefilled
-            n1 = int(min(len(r.prompt_ids), n0 + budget))
+            n1 = int(min(len(r.prompt_ids), n0 + chunk))
             try:
                 logits = self.rt.prefill(r.prompt_ids[n0:n1], self.cache, r.slot)
             except Exception as e:  # noqa: BLE001 - a bad request fails alone; the batch goes on

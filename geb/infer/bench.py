@@ -66,8 +66,20 @@ def _current_rss_bytes() -> int:
         return 0
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """Peak resident set size (VmHWM) of a process's current address space.
+
+    Not ru_maxrss: a child started by fork+exec inherits its parent's peak there, so a bench child
+    would report the memory of the parent that just wrote a weight file. 0 where /proc has no VmHWM.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _timed(fn) -> float:
