@@ -223,10 +223,11 @@ def child_geb(args) -> dict:
         rt = runtime_from_quantized(folder, cfg, q)
     load = time.perf_counter() - t0
     rt.set_threads(args.threads[0])
-    r = bench_runtime(rt, args.prompt_len, args.new_tokens)
+    r = bench_runtime(rt, args.prompt_len, args.new_tokens, batch=args.batch)
     return {"engine": "geb", "format": args.format, "threads": args.threads[0], "load_s": load,
             "prefill_tok_s": r["prefill_tok_s"], "ttft_s": r["ttft_s"], "decode_tok_s": r["decode_tok_s"],
             "decode_at_depth_tok_s": r["decode_at_depth_tok_s"], "peak_rss_bytes": peak_rss_bytes(),
+            "batch": r.get("batch"), "decode_batch_tok_s": r.get("decode_batch_tok_s"),
             "weight_bytes": r["weight_bytes"], "bytes_per_token": r["bytes_per_token"], "kernel": geb_kernel_path()}
 
 
@@ -280,7 +281,8 @@ BASELINES = ENGINES[1:]
 
 def run_child(engine: str, fmt: str, file: Path, threads: int, a) -> dict:
     cmd = [sys.executable, __file__, "--child", engine, "--format", fmt, "--file", str(file), "--config", a.config,
-           "--threads", str(threads), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens)]
+           "--threads", str(threads), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens),
+           "--batch", str(a.batch)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if engine == "geb" and a.omp_wait_policy != "inherit":
         from geb.infer.bench import wait_env
@@ -311,6 +313,8 @@ def parse_args(argv):
                     "the preset's context)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per decode measurement")
     ap.add_argument("--reps", type=int, default=2, help="alternating repetitions (median)")
+    ap.add_argument("--batch", type=int, default=8, help="geb also decodes this many sequences in one step "
+                    "(the server's case) and reports the aggregate tokens/s over one sequence's (0: skip)")
     ap.add_argument("--baselines", default=",".join(BASELINES), help="llama-bench and/or llama-cpp-python")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "inherit"],
@@ -379,6 +383,11 @@ def main(argv=None) -> int:
     engines = ["geb"] + baselines
     print(f"prepared in {t_measure - t_start:.0f} s; measuring {', '.join(engines)} (threads {a.threads}, prompt "
           f"{a.prompt_len}, {a.new_tokens} new tokens, {a.reps} alternating reps)", flush=True)
+    from geb.infer.bench import read_bandwidth
+
+    bandwidth = {str(t): read_bandwidth(t) for t in a.threads}  # the bound for decode: weight bytes per token
+    print("memory read bandwidth: " + ", ".join(f"{t} threads {b['gb_s']:.1f} GB/s" for t, b in bandwidth.items()),
+          flush=True)
     runs: dict = {f: {str(t): {e: [] for e in engines} for t in a.threads} for f in formats}
     for rep in range(a.reps):
         for fmt in formats:
@@ -395,7 +404,7 @@ def main(argv=None) -> int:
                     print(f"  rep {rep} {fmt:>5} {t}t {eng:>16}: prefill {_fmt(r['prefill_tok_s'], 7, 1)}  decode "
                           f"{_fmt(r['decode_tok_s'])}  @{a.prompt_len} {_fmt(r['decode_at_depth_tok_s'])} tok/s  "
                           f"rss {r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
-    summary = summarize(runs, engines)
+    summary = summarize(runs, engines, bandwidth)
     from geb.cpu import describe as cpu_describe
     from geb.infer.bench import machine_info
 
@@ -413,7 +422,7 @@ def main(argv=None) -> int:
               "note": "ratio = geb / the faster baseline (llama-bench, llama-cpp-python) for tokens/s; for ttft_s "
                       "llama-cpp-python / geb (llama-bench reports no ttft). Above 1: geb better. peak_rss from "
                       "VmHWM (/proc): geb and llama-cpp-python read their own, llama-bench's polled from outside",
-              "summary": summary, "runs": runs, "prepare_s": t_measure - t_start, "measure_s": time.time() - t_measure,
+              "bandwidth": bandwidth, "summary": summary, "runs": runs, "prepare_s": t_measure - t_start, "measure_s": time.time() - t_measure,
               "wall_s": time.time() - t_start}
     suffix = "-smoke" if a.smoke else ""
     out = Path(a.out) if a.out else ROOT / "bench" / "results" / (
@@ -434,8 +443,9 @@ def _fmt(x, width: int = 6, digits: int = 2) -> str:
     return f"{x:{width}.{digits}f}" if x is not None else f"{'-':>{width}}"
 
 
-def summarize(runs: dict, engines: list[str]) -> dict:
-    """Medians per format, thread count, measure and engine; ratio geb / the faster baseline."""
+def summarize(runs: dict, engines: list[str], bandwidth: dict | None = None) -> dict:
+    """Medians per format, thread count, measure and engine; ratio geb / the faster baseline; geb's
+    batched decode over its single-sequence decode; geb's decode over the memory-bandwidth bound."""
     summary: dict = {}
     for fmt, by_threads in runs.items():
         for t, by_engine in by_threads.items():
@@ -454,6 +464,16 @@ def summarize(runs: dict, engines: list[str]) -> dict:
                 b = statistics.median(r["ttft_s"] for r in by_engine["llama-cpp-python"])
                 row["ttft_s"] = {"geb": g, "llama-cpp-python": b, "best_baseline": "llama-cpp-python", "ratio": b / g}
             row["peak_rss_gib"] = {e: max(r["peak_rss_bytes"] for r in by_engine[e]) / 2**30 for e in engines}
+            geb = by_engine["geb"]
+            single = row["decode_tok_s"]["geb"]
+            batched = [r["decode_batch_tok_s"] for r in geb if r.get("decode_batch_tok_s")]
+            if batched and single:
+                row["batch"] = {"sequences": geb[0]["batch"], "geb_tok_s": statistics.median(batched),
+                                "speedup": statistics.median(batched) / single}
+            if bandwidth and t in bandwidth and single:
+                bound = bandwidth[t]["gb_s"] * 1e9 / geb[0]["bytes_per_token"]
+                row["bandwidth"] = {"gb_s": bandwidth[t]["gb_s"], "bytes_per_token": geb[0]["bytes_per_token"],
+                                    "bound_tok_s": bound, "fraction": single / bound}
     return summary
 
 
@@ -496,6 +516,19 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {fmt} ↔ {GGUF_TYPE[fmt]} | {t} | {name} | {vals} | {_fmt(ratio, 0)} |")
     lines += ["", "Time to first token: llama-cpp-python / geb (llama-bench reports none). Peak RSS: geb / the "
               "smaller baseline (below 1: geb uses less)."]
+    geb_rows = [(fmt, t, row) for fmt, by_t in report["summary"].items() for t, row in by_t.items()
+                if "batch" in row or "bandwidth" in row]
+    if geb_rows:
+        lines += ["", "geb alone: batched decode (aggregate tokens/s of several sequences in one step, empty "
+                  "context) over one sequence's, and single-sequence decode over the memory-bandwidth bound "
+                  "(measured read bandwidth / weight bytes read per token):", "",
+                  "| format | threads | sequences | batched tok/s | batched / one | read GB/s | bound tok/s | "
+                  "decode / bound |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for fmt, t, row in geb_rows:
+            b, w = row.get("batch", {}), row.get("bandwidth", {})
+            lines.append(f"| {fmt} | {t} | {b.get('sequences', '-')} | {_fmt(b.get('geb_tok_s'), 0, 1)} | "
+                         f"{_fmt(b.get('speedup'), 0)} | {_fmt(w.get('gb_s'), 0, 1)} | "
+                         f"{_fmt(w.get('bound_tok_s'), 0)} | {_fmt(w.get('fraction'), 0)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -88,13 +88,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_runtime(rt: Runtime, prompt_len: int = 512, new_tokens: int = 128, reps: int = 1, seed: int = 0) -> dict:
-    """Time prefill, first token and decode (at depth prompt_len and from empty) on one runtime."""
+def bench_runtime(rt: Runtime, prompt_len: int = 512, new_tokens: int = 128, reps: int = 1, seed: int = 0,
+                  batch: int = 0) -> dict:
+    """Time prefill, first token and decode (at depth prompt_len and from empty) on one runtime; with
+    batch > 1 also the aggregate tokens/s of `batch` sequences decoded together from an empty context
+    (the server's case: one step for all)."""
     cfg = rt.cfg
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen)
     res: dict = {"prompt_len": prompt_len, "new_tokens": new_tokens, "threads": rt.threads}
-    pre, ttft, dec_deep, dec_empty = [], [], [], []
+    pre, ttft, dec_deep, dec_empty, dec_batch = [], [], [], [], []
     with rt.threads_scope():
         warm = SlotCache(cfg, 1, 16)  # first calls allocate and spin up thread pools
         tok = rt.prefill(prompt[:8], warm, 0).argmax().view(1)
@@ -118,6 +121,15 @@ def bench_runtime(rt: Runtime, prompt_len: int = 512, new_tokens: int = 128, rep
             for _ in range(new_tokens):
                 tok = rt.decode(tok, cache)[0].argmax().view(1)
             dec_empty.append(new_tokens / (time.perf_counter() - t0))
+            if batch > 1:
+                cache = SlotCache(cfg, batch, new_tokens + 1)
+                toks = torch.randint(0, cfg.vocab_size, (batch,), generator=gen)
+                t0 = time.perf_counter()
+                for _ in range(new_tokens):
+                    toks = rt.decode(toks, cache).argmax(-1)
+                dec_batch.append(batch * new_tokens / (time.perf_counter() - t0))
+    if dec_batch:
+        res.update({"batch": batch, "decode_batch_tok_s": statistics.median(dec_batch)})
     res.update({
         "prefill_tok_s": statistics.median(pre), "ttft_s": statistics.median(ttft),
         "decode_tok_s": statistics.median(dec_empty), "decode_at_depth_tok_s": statistics.median(dec_deep),
