@@ -15,6 +15,7 @@ Speed is never asserted in tests; these functions print and return numbers.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import math
 import os
 import platform
@@ -237,6 +238,14 @@ double geb_read(const float *p, size_t n, int reps) {
             __m512 a = _mm512_load_ps(p + i), b = _mm512_load_ps(p + i + 16);
             __m512 c = _mm512_load_ps(p + i + 32), d = _mm512_load_ps(p + i + 48);
             acc += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+#elif defined(__AVX2__)
+            /* xor of the bits: one-cycle chains, so the loop waits on memory, not on adds */
+            const __m256i *q = (const __m256i *)(p + i);
+            __m256i x0 = _mm256_xor_si256(_mm256_load_si256(q), _mm256_load_si256(q + 1));
+            __m256i x1 = _mm256_xor_si256(_mm256_load_si256(q + 2), _mm256_load_si256(q + 3));
+            x0 = _mm256_xor_si256(x0, _mm256_xor_si256(_mm256_load_si256(q + 4), _mm256_load_si256(q + 5)));
+            x1 = _mm256_xor_si256(x1, _mm256_xor_si256(_mm256_load_si256(q + 6), _mm256_load_si256(q + 7)));
+            acc += (float)_mm256_extract_epi32(_mm256_xor_si256(x0, x1), 0);
 #else
             float s = 0; for (int j = 0; j < 64; j++) s += p[i + j]; acc += s;
 #endif
@@ -265,7 +274,7 @@ def read_bandwidth(threads: int, size_mb: int = 1024, reps: int = 5) -> dict:
         fn(x.data_ptr(), n, 1)
         for _ in range(reps):
             times.append(_timed(lambda: fn(x.data_ptr(), n, 1)))
-        method = "C read loop (AVX-512 when available, OpenMP)"
+        method = "C read loop (AVX-512 or AVX2 when available, OpenMP)"
     else:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -283,14 +292,17 @@ def _compile_read_loop():
     if not cc:
         return None
     d = Path(tempfile.gettempdir()) / f"geb-readloop-{os.getuid()}"
-    so = d / "readloop.so"
+    tag = hashlib.sha256(_READ_LOOP.encode()).hexdigest()[:12]  # a changed loop is compiled anew
+    so = d / f"readloop-{tag}.so"
     try:
         if not so.exists():
             d.mkdir(exist_ok=True)
-            (d / "readloop.c").write_text(_READ_LOOP)
+            src = d / f"readloop-{tag}.{os.getpid()}.c"
+            src.write_text(_READ_LOOP)
             tmp = d / f"readloop.{os.getpid()}.so"
-            subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(d / "readloop.c"),
+            subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src),
                             "-o", str(tmp)], check=True, capture_output=True, timeout=120)
+            src.unlink()
             os.replace(tmp, so)
         return ctypes.CDLL(str(so))
     except (OSError, subprocess.SubprocessError):
