@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from geb.checkpoint import CONFIG, META, WEIGHTS, check_destination, save_checkpoint, with_path
+from geb.common import atomic_write
 from geb.errors import GebError
 
 DCP_DIR = "dcp"
@@ -366,10 +367,7 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
         sd.pop("lm_head.weight", None)
     sd = {k: v.contiguous() for k, v in sd.items()}
     if out is None:
-        tmp = folder / f".{WEIGHTS}.tmp"
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, folder / WEIGHTS)
-        return folder / WEIGHTS
+        return atomic_write(folder / WEIGHTS, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
     out = Path(out)
     with AtomicFolder(out, kind="model") as tmp:
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from geb.checkpoint import CONFIG, META, WEIGHTS, check_folder, load_model, read_meta
+from geb.common import atomic_write
 from geb.config import ModelConfig
 from geb.errors import GebError
 from geb.tokenizer import Tokenizer
@@ -185,12 +186,6 @@ def _park_cache(out_dir: Path, inside: bool) -> None:
         os.replace(src, dst)
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 # -- the stage ------------------------------------------------------------------------------------------
 def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, val_data: Data | None = None,
             val_fraction: float = 0.0, beta: float = 0.1, label_smoothing: float = 0.0,
@@ -248,7 +243,7 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
         cache = {"key": key, "train": compute_logps(model, pairs, bs, tok.eos_id, device, amp_dtype),
                  "val": compute_logps(model, val, bs, tok.eos_id, device, amp_dtype)}
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(_cache_paths(out_dir)[1], lambda p: torch.save(cache, p))
+        atomic_write(_cache_paths(out_dir)[1], lambda p: torch.save(cache, p))
     else:
         log("reusing cached reference log-probs")
     _park_cache(out_dir, inside=False)  # the loop replaces the folder at each checkpoint
@@ -280,7 +275,7 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
     res["final_eval"] = final
     recs = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     res["last_train_metrics"] = next((r for r in reversed(recs) if r.get("kind") == "train"), {})
-    _write_atomic(out_dir / META, lambda p: p.write_text(json.dumps(res, indent=2, ensure_ascii=False, default=str) + "\n"))
+    atomic_write(out_dir / META, lambda p: p.write_text(json.dumps(res, indent=2, ensure_ascii=False, default=str) + "\n"))
     plot_rewards(out_dir)
     if final:
         log(f"validation reward accuracy {final['val']['reward_acc']:.1%}, margin {final['val']['reward_margin']:.3f}")
@@ -336,7 +331,7 @@ def plot_rewards(out_dir: Path) -> None:
     b.legend()
     b.grid(alpha=0.3)
     fig.tight_layout()
-    _write_atomic(Path(out_dir) / "rewards.png", lambda p: fig.savefig(p, dpi=110, format="png"))
+    atomic_write(Path(out_dir) / "rewards.png", lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
 
 

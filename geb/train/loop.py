@@ -27,6 +27,7 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
+from geb.common import atomic_write
 from geb.checkpoint import META, TRAIN_STATE, load_train_state
 from geb.errors import GebError
 from geb.train import dist, perf
@@ -193,10 +194,8 @@ def plot_losses(records: list[dict], path: Path, title: str = "loss") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 class Progress:
