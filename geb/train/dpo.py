@@ -40,6 +40,9 @@ from geb.train.sft import IGNORE
 
 REF_FILE = "reference_logps.pt"
 
+# What DPO changes in TrainConfig's pretraining defaults (run_dpo and `geb dpo` read it here)
+DPO_DEFAULTS = {"lr": 1e-6, "min_lr": 1e-7, "weight_decay": 0.0}
+
 
 # -- the math -------------------------------------------------------------------------------------------
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -213,7 +216,7 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
         if (out_dir / META).exists():
             raise GebError(f"{out_dir}: already holds a checkpoint; use --resume to continue it or choose another --out")
         ref_dir = Path(check_folder(model_dir))
-        c = train_config or TrainConfig(lr=1e-6, min_lr=1e-7, weight_decay=0.0, warmup_steps=10)
+        c = train_config or TrainConfig(**DPO_DEFAULTS, warmup_steps=10)
         tok_dir = ref_dir
     tok = Tokenizer.load(tok_dir)
     cfg = ModelConfig.load(Path(tok_dir) / CONFIG)

@@ -34,52 +34,90 @@ from geb.train import dist, perf
 from geb.train.stability import Stability, resolve
 
 
+def _opt(default, help: str | None = None, *, group: str | None = None, choices: tuple | None = None,
+         flag_default: bool = True):
+    """A TrainConfig field with what its command-line flag needs (geb.commands.common.add_config_args):
+    `help` (None: no flag), the `group` it is listed under, `choices`, and whether the help states the default."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices,
+                                            "flag_default": flag_default})
+
+
+_MODES = ("auto", "bf16", "fp32")
+
+
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 4e-4
-    min_lr: float = 4e-5
-    warmup_steps: int = 100
-    # Cosine decay reaches min_lr at this step (default: `steps`). A shorter horizon decays faster,
-    # the paper's fourth anti-spike measure for small batches.
-    decay_steps: int | None = None
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    dtype: str = "auto"  # auto | bf16 | fp32 (autocast dtype; weights and optimizer stay FP32)
-    device: str = "auto"
-    seed: int = 1234
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 500
-    log_every: int = 10
-    # Embedding-gradient shrink (measure 3): None = 0.1 when the spike measures are on, else 1.0 (off).
-    emb_grad_alpha: float | None = None
-    # -- scale: only used under torchrun (parallel) or on GPUs; none of them changes the result
-    parallel: str = "auto"  # auto (= ddp) | ddp | fsdp
-    compile: bool = False  # torch.compile each block
-    activation_checkpointing: bool = False
-    attn: str = "sdpa"  # sdpa | sdpa-flash (SDPA pinned to FlashAttention) | flash-attn (the package)
-    peak_tflops: float | None = None  # per-device peak for MFU (default: known GPUs' BF16 peak)
+    """Every training setting, one line each: the default, and the help text `geb pretrain`, `geb sft` and
+    `geb dpo` show for the flag generated from it (geb.commands.common.add_config_args)."""
+
+    steps: int = _opt(1000, "optimizer steps (with --resume: extend the run)", group="schedule")
+    batch_size: int = _opt(16, "sequences per micro-batch", group="schedule")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step, over all processes", group="schedule")
+    lr: float = _opt(4e-4, "peak learning rate", group="schedule")
+    min_lr: float = _opt(4e-5, "final learning rate", group="schedule")
+    warmup_steps: int = _opt(100, "", group="schedule")
+    # A shorter horizon decays faster, the paper's fourth anti-spike measure for small batches.
+    decay_steps: int | None = _opt(None, "step at which the cosine reaches --min-lr (default: --steps)",
+                                   group="schedule", flag_default=False)
+    weight_decay: float = _opt(0.1, "", group="schedule")
+    beta1: float = _opt(0.9)
+    beta2: float = _opt(0.95)
+    grad_clip: float = _opt(1.0, "", group="schedule")
+    # the autocast dtype; weights and optimizer stay FP32
+    dtype: str = _opt("auto", "autocast dtype (default auto: BF16 on GPUs that support it and on CPUs with "
+                      "native BF16 (AVX512-BF16, AMX), else FP32)", group="schedule", choices=_MODES,
+                      flag_default=False)
+    device: str = _opt("auto", "auto (default), cpu, cuda", group="schedule", flag_default=False)
+    seed: int = _opt(1234, "", group="schedule")
+    eval_every: int = _opt(100, "", group="schedule")
+    eval_batches: int = _opt(8, "validation batches per pass")
+    save_every: int = _opt(500, "", group="schedule")
+    log_every: int = _opt(10, "", group="schedule")
     # -- the loss-spike measures (geb.train.stability); "auto" = on for pretraining models >= 300M
-    stability: str = "auto"  # auto | on | off
-    spike_window: int = 100  # accepted losses the running statistics look at
-    spike_min_history: int = 20  # no detection (except non-finite) before this many accepted steps
-    spike_sigma: float = 6.0  # a spike is above median + max(sigma * noise, rel * median)
-    spike_rel: float = 0.1
-    spike_retries: int = 2  # measure 1: replacement batches before escalating (0 = no replacement)
-    rollback: bool = True  # measure 2: roll back to the last good snapshot and skip a data window
-    snapshot_every: int = 50  # steps between in-memory good snapshots (also taken at every save)
-    snapshot_memory: str = "auto"  # auto (= host) | host: two snapshots in CPU memory | device: one beside the weights
-    skip_before: int = 100  # data iterations skipped before the spike ...
-    skip_after: int = 100  # ... and after it
-    max_rollbacks: int = 20
-    lr_cut_after: int = 3  # measure 4: multiply the LR by lr_cut_factor after this many spikes (0 = never)
-    lr_cut_factor: float = 0.7
-    lr_preset: str = "none"  # none | small-batch (peak x0.5, cosine ends at 60% of the steps)
+    stability: str = _opt("auto", "spike detection, batch replacement, rollback with skipped data, automatic LR "
+                          "cut, embedding-gradient shrink 0.1 (default auto: on for pretraining models of 300M "
+                          "parameters and more)", group="stability", choices=("auto", "on", "off"),
+                          flag_default=False)
+    # measure 3; None = 0.1 when the spike measures are on, else 1.0 (off)
+    emb_grad_alpha: float | None = _opt(None, "embedding gradient shrink factor (1 = off; default 0.1 with "
+                                        "--stability on, else 1)", group="stability", flag_default=False)
+    # a spike is above median + max(sigma * noise, rel * median)
+    spike_sigma: float = _opt(6.0, "spike threshold in robust noise units", group="stability")
+    spike_rel: float = _opt(0.1, "and at least this fraction above the median", group="stability")
+    spike_window: int = _opt(100, "recent losses in the statistics", group="stability")
+    # no detection (except non-finite) before this many accepted steps
+    spike_min_history: int = _opt(20, "", group="stability")
+    # measure 1 (0 = no replacement)
+    spike_retries: int = _opt(2, "replacement batches before a rollback", group="stability")
+    # measure 2: roll back to the last good snapshot and skip a data window
+    rollback: bool = _opt(True, "never roll back (spikes that survive the replacements are applied)",
+                          group="stability")
+    snapshot_every: int = _opt(50, "steps between in-memory good states", group="stability")
+    snapshot_memory: str = _opt("auto", "where rollback snapshots live: host (default): at most two in CPU "
+                                "memory (pinned on CUDA), 12 bytes per parameter each; device: one, beside the "
+                                "weights (docs/training.md)", group="stability",
+                                choices=("auto", "host", "device"), flag_default=False)
+    skip_before: int = _opt(100, "data iterations skipped before a spike", group="stability")
+    skip_after: int = _opt(100, "data iterations skipped after a spike", group="stability")
+    max_rollbacks: int = _opt(20)
+    # measure 4
+    lr_cut_after: int = _opt(3, "cut the LR after this many spikes, 0 = never", group="stability")
+    lr_cut_factor: float = _opt(0.7, "", group="stability")
+    lr_preset: str = _opt("none", "small-batch: peak and min LR x0.5 and the cosine ends at 60%% of the steps "
+                          "(the paper's LR adjustment for small batches)", group="schedule",
+                          choices=("none", "small-batch"), flag_default=False)
+    # -- scale: only used under torchrun (parallel) or on GPUs; none of them changes the result
+    parallel: str = _opt("auto", "data parallelism under torchrun: ddp (default) or fsdp (FSDP2, BF16 compute "
+                         "with FP32 master weights and reductions)", group="scale",
+                         choices=("auto", "ddp", "fsdp"), flag_default=False)
+    compile: bool = _opt(False, "torch.compile each block", group="scale")
+    activation_checkpointing: bool = _opt(False, "recompute activations in backward (less memory)", group="scale")
+    attn: str = _opt("sdpa", "attention kernel (default sdpa: PyTorch picks FlashAttention-2 on CUDA; sdpa-flash "
+                     "insists on it; flash-attn: the package)", group="scale",
+                     choices=("sdpa", "sdpa-flash", "flash-attn"), flag_default=False)
+    peak_tflops: float | None = _opt(None, "per-device dense BF16 peak for the MFU log (default: the GPUs in "
+                                     "geb's table; others log no MFU until given this)", group="scale",
+                                     flag_default=False)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
