@@ -19,7 +19,6 @@ from typing import Callable
 import numpy as np
 
 from geb.common import atomic_write_text, now_iso
-from geb.errors import GebError
 
 
 @dataclass
@@ -538,12 +537,6 @@ def _chat_scores(rows: list[dict]) -> dict:
 def _is_zh(text: str) -> bool:
     cjk = sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff")
     return cjk > len(text) * 0.2
-
-
-def _read_jsonl(path: Path) -> list[str]:
-    if not path.is_file():
-        raise GebError(f"{path}: missing (an earlier quickstart stage did not finish)")
-    return [json.loads(l)["text"] for l in path.read_text().splitlines() if l.strip()]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -110,14 +110,6 @@ def all_reduce_mean(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return values
 
 
-def broadcast_object(obj, env: DistEnv):
-    if not env.active:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class _DDP(torch.nn.parallel.DistributedDataParallel):
     """DDP that forwards unknown attributes (cfg, emb_grad_alpha, ...) to the wrapped GEB, so Tasks can
     treat the model they are given as a GEB whatever the parallel mode."""
