@@ -26,7 +26,7 @@ import torch
 
 from geb.checkpoint import check_destination, with_path
 from geb.errors import GebError
-from geb.export.common import GebFolder, half_to_interleaved
+from geb.interop.common import GebFolder, half_to_interleaved
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 QK = 32  # values per Q8_0 / Q4_0 block
@@ -156,7 +156,7 @@ def _bpe_vocab(writer, tj: dict, vocab_size: int, source: str, gguf) -> tuple[di
 def _spm_vocab(writer, spm_path: Path, tj: dict, vocab_size: int, gguf) -> tuple[dict[str, int], dict]:
     """A SentencePiece BPE model (the GEB-1.3B vocabulary) → llama.cpp's own `llama` tokenizer, which
     reproduces SentencePiece from the pieces' scores; special tokens appended after it become CONTROL."""
-    from geb.export.spm import load_proto
+    from geb.interop.spm import load_proto
 
     m = load_proto(spm_path)
     if m.trainer_spec.model_type != 2:
@@ -504,7 +504,7 @@ def read_gguf(path: str | Path):
     )
     if n_tokens > vocab:
         raise GebError(f"{path}: {n_tokens} tokens in 'tokenizer.ggml.tokens' but token_embd.weight has {vocab} rows")
-    from geb.export.common import interleaved_to_half
+    from geb.interop.common import interleaved_to_half
 
     sd: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
@@ -532,7 +532,7 @@ def read_gguf(path: str | Path):
 
 def import_gguf(path: str | Path, out: str | Path) -> Path:
     """Import a llama-architecture GGUF file into a geb folder (weights dequantized to FP32)."""
-    from geb.export.common import write_geb_folder
+    from geb.interop.common import write_geb_folder
 
     cfg, sd, tokenizer, info = read_gguf(path)
     meta = {"stage": "import", "parent": str(Path(path).resolve()), "format": "gguf", **info}
