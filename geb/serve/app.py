@@ -314,12 +314,18 @@ async def model(model_id: str, request: Request):
     return model_card(_state(request))
 
 
-async def chat_completions(request: Request):
+async def _admit(request: Request, kind):
+    """The checks every generating route makes first (key, readiness, body, model): (state, scheduler, request)."""
     authorize(request)
     state = _state(request)
     sched = state.require_ready()
-    req = parse(ChatRequest, await read_json(request, state.settings.max_body_bytes))
+    req = parse(kind, await read_json(request, state.settings.max_body_bytes))
     check_model(state, req.model)
+    return state, sched, req
+
+
+async def chat_completions(request: Request):
+    state, sched, req = await _admit(request, ChatRequest)
     try:
         ids, _ = state.tok.render_chat(req.conversation(), add_generation_prompt=True)
     except GebError as e:
@@ -328,11 +334,7 @@ async def chat_completions(request: Request):
 
 
 async def completions(request: Request):
-    authorize(request)
-    state = _state(request)
-    sched = state.require_ready()
-    req = parse(CompletionRequest, await read_json(request, state.settings.max_body_bytes))
-    check_model(state, req.model)
+    state, sched, req = await _admit(request, CompletionRequest)
     prompts, texts = [], []
     vocab = state.tok.vocab_size
     for i, p in enumerate(req.prompts()):
