@@ -21,7 +21,7 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from geb.data.simple import read_texts
+    from geb.data.textfiles import read_texts
     from geb.errors import GebError
     from geb.tokenizer import Tokenizer, efficiency
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from geb.data import settings as S
 from geb.checkpoint import AtomicFolder, check_destination
 from geb.common import atomic_write_json
-from geb.data.steps import Meter, Timed
+from geb.data.metering import Meter, Timed
 from geb.errors import GebError
 
 TEXT_FORMAT = "geb-text-v1"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from geb.data import settings as S
 from geb.common import atomic_write_json
-from geb.data.steps import snippet
+from geb.data.metering import snippet
 
 MAX_REJECT_EXAMPLES = 20
 MAX_EXAMPLES = 5
@@ -71,7 +71,7 @@ def _dedup_row(L, name: str) -> dict:
 def step_seconds(L, stages, steps: list[dict]) -> dict:
     """Seconds of each step's own work summed over tasks, in pipeline order: rules from their rows,
     readers, writers and datatrove's dedup steps from the Timed wrappers' files."""
-    from geb.data.steps import MeteredStep, Timed
+    from geb.data.metering import MeteredStep, Timed
 
     rows = {r["step"]: r for r in steps}
     out = {}
