@@ -67,7 +67,7 @@ def main() -> int:
     a = ap.parse_args()
 
     from geb.checkpoint import load_model
-    from geb.export.gguf import export_gguf
+    from geb.interop.gguf import export_gguf
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ VmHWM from /proc (not ru_maxrss, which carries the parent's peak into a child).
 Format pairs: fp32↔F32, bf16↔BF16, int8↔Q8_0, int4↔Q4_0. geb's int4 keeps the lm head and the
 embedding in int8, so the Q4_0 GGUF stores output.weight and token_embd.weight as Q8_0 too.
 The GGUF writer here is minimal (llama architecture, a byte-level stand-in vocabulary: only token ids
-are fed); the full exporter with the real tokenizer is geb.export.gguf (the export issue).
+are fed); the full exporter with the real tokenizer is geb.interop.gguf (the export issue).
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ def main() -> int:
     import torch
 
     from geb.config import ModelConfig, pad_vocab
-    from geb.data.simple import pack_texts
+    from geb.data.textfiles import pack_texts
     from geb.data.tokens import TokenData
     from geb.model import GEB
     from geb.tokenizer import Tokenizer

@@ -17,8 +17,6 @@ check_destination without loading torch.
 
 from __future__ import annotations
 
-import datetime as _dt
-import errno
 import json
 import os
 import re
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from geb import __version__
+from geb.common import now_iso  # noqa: F401  (geb.checkpoint.now_iso: the artifacts' timestamp)
 from geb.config import ModelConfig
 from geb.errors import GebError
 
@@ -38,10 +37,6 @@ MARKER = ".geb-artifact"  # {"kind": ...}: written into every folder AtomicFolde
 
 if TYPE_CHECKING:
     import torch
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # -- destinations ------------------------------------------------------------------------------------

@@ -18,8 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from geb.checkpoint import now_iso
-from geb.errors import GebError
+from geb.common import atomic_write_text, now_iso
 
 
 @dataclass
@@ -104,9 +103,8 @@ def stage_corpus(ctx: Context) -> None:
 
 
 def stage_tokenizer(ctx: Context) -> None:
-    from geb.commands.tokenizer import efficiency
     from geb.data.pipeline import iter_text
-    from geb.tokenizer import Tokenizer
+    from geb.tokenizer import Tokenizer, efficiency
 
     tok_dir = ctx.path("tokenizer")
     docs = list(iter_text(ctx.path("data", "text")))
@@ -541,15 +539,8 @@ def _is_zh(text: str) -> bool:
     return cjk > len(text) * 0.2
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    if not path.is_file():
-        raise GebError(f"{path}: missing (an earlier quickstart stage did not finish)")
-    return [json.loads(l)["text"] for l in path.read_text().splitlines() if l.strip()]
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _md(s: str) -> str:

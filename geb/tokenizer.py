@@ -242,3 +242,12 @@ class Tokenizer:
             ids.extend(gp)
             mask.extend([0] * len(gp))
         return ids, mask
+
+
+def efficiency(tok: "Tokenizer", texts: list[str]) -> dict:
+    """Tokens, characters and bytes in `texts`, and characters and bytes per token (higher: fewer tokens)."""
+    n_tok = sum(len(ids) for ids in tok.encode_batch(texts))
+    chars = sum(len(t) for t in texts)
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"tokens": n_tok, "chars": chars, "bytes": nbytes,
+            "chars_per_token": chars / max(n_tok, 1), "bytes_per_token": nbytes / max(n_tok, 1)}

@@ -71,7 +71,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer, tiny_cfg):
 @pytest.fixture(scope="session")
 def tokens_dir(tmp_path_factory, tokenizer):
     """SAMPLE_TEXT packed into token shards with the session tokenizer (read-only)."""
-    from geb.data.simple import pack_texts
+    from geb.data.textfiles import pack_texts
 
     root = tmp_path_factory.mktemp("tok")
     tokenizer.save(root / "tokenizer")

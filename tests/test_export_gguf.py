@@ -40,7 +40,7 @@ def _logits(model, ids):
 
 
 def test_quantizers_match_gguf_reference_bit_for_bit():
-    from geb.export.gguf import quantize_q4_0, quantize_q8_0
+    from geb.interop.gguf import quantize_q4_0, quantize_q8_0
 
     g = torch.Generator().manual_seed(1)
     w = torch.randn(64, 256, generator=g) * 0.05
@@ -60,7 +60,7 @@ def test_quantizers_match_gguf_reference_bit_for_bit():
 @pytest.mark.parametrize("rot", [0, 8])
 def test_rope_permutation_equals_geb_interleaved_rope(tiny_cfg, rot):
     """half→interleaved row order + geb's own interleaved RoPE gives the rotate-half model's logits."""
-    from geb.export.common import half_to_interleaved, interleaved_to_half
+    from geb.interop.common import half_to_interleaved, interleaved_to_half
     from geb.model import GEB
 
     cfg = tiny_cfg.replace(rope_dims=rot)
@@ -87,7 +87,7 @@ def test_rope_permutation_equals_geb_interleaved_rope(tiny_cfg, rot):
 @pytest.mark.parametrize("variant", ["untied", "tied-interleaved"])
 def test_f32_round_trip_is_exact(tmp_path, tokenizer, tiny_cfg, variant):
     from geb.checkpoint import load_model
-    from geb.export.gguf import export_gguf, import_gguf
+    from geb.interop.gguf import export_gguf, import_gguf
 
     cfg = tiny_cfg if variant == "untied" else tiny_cfg.replace(tie_embeddings=True, rope_style="interleaved")
     model = _save(tmp_path / "m", cfg, tokenizer)
@@ -107,8 +107,8 @@ def test_f32_round_trip_is_exact(tmp_path, tokenizer, tiny_cfg, variant):
 
 
 def test_metadata_and_quantized_exports(tmp_path, tokenizer, tiny_cfg):
-    from geb.export.common import half_to_interleaved
-    from geb.export.gguf import export_gguf, import_gguf
+    from geb.interop.common import half_to_interleaved
+    from geb.interop.gguf import export_gguf, import_gguf
 
     cfg = tiny_cfg.replace(ffn_hidden=192)  # every row a multiple of 32: all matrices quantize
     model = _save(tmp_path / "m", cfg, tokenizer)
@@ -152,7 +152,7 @@ def tokenizer_template(tok) -> str:
 
 
 def test_rows_not_multiple_of_32_fall_back_to_f32(tmp_path, tokenizer, tiny_cfg):
-    from geb.export.gguf import export_gguf
+    from geb.interop.gguf import export_gguf
 
     assert tiny_cfg.ffn_hidden % 32  # geb-test's 176: ffn_down rows cannot be blocked
     _save(tmp_path / "m", tiny_cfg, tokenizer)
@@ -162,7 +162,7 @@ def test_rows_not_multiple_of_32_fall_back_to_f32(tmp_path, tokenizer, tiny_cfg)
 
 
 def test_bad_gguf_inputs_leave_no_folder(tmp_path, tokenizer, tiny_cfg, monkeypatch):
-    import geb.export.gguf as G
+    import geb.interop.gguf as G
 
     _save(tmp_path / "m", tiny_cfg, tokenizer)
     good = tmp_path / "good.gguf"
@@ -214,7 +214,7 @@ def test_cli_export_and_import(tmp_path, tiny_model_dir, geb_cli):
     out = tmp_path / "t.gguf"
     p = geb_cli("export", "gguf", "--model", tiny_model_dir, "--out", out, "--type", "q8_0", "--threads", "1")
     assert '"q8_0"' in p.stdout
-    from geb.export.gguf import export_gguf
+    from geb.interop.gguf import export_gguf
 
     export_gguf(tiny_model_dir, tmp_path / "lib.gguf", "q8_0")  # the CLI writes what the library writes
     assert out.read_bytes() == (tmp_path / "lib.gguf").read_bytes()
@@ -225,7 +225,7 @@ def test_cli_export_and_import(tmp_path, tiny_model_dir, geb_cli):
 # -- llama.cpp itself (optional) -----------------------------------------------------------------------
 def test_llama_cpp_tokenizes_and_generates_like_geb(tmp_path, tokenizer, tiny_cfg):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from geb.export.gguf import export_gguf
+    from geb.interop.gguf import export_gguf
 
     cfg = tiny_cfg.replace(n_layer=3)
     model = _save(tmp_path / "m", cfg, tokenizer, seed=7, scale=4.0)

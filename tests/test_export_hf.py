@@ -25,7 +25,7 @@ def _ids(x):
 @pytest.mark.parametrize("variant", ["untied-half", "tied-interleaved"])
 def test_transformers_matches_geb(tmp_path, tokenizer, tiny_cfg, variant):
     from geb.checkpoint import save_checkpoint
-    from geb.export.hf import export_hf
+    from geb.interop.hf import export_hf
     from geb.model import GEB
 
     cfg = tiny_cfg if variant == "untied-half" else tiny_cfg.replace(tie_embeddings=True, rope_style="interleaved",
@@ -54,7 +54,7 @@ def test_transformers_matches_geb(tmp_path, tokenizer, tiny_cfg, variant):
 
 def test_partial_rotary_is_refused_and_nothing_written(tmp_path, tokenizer, tiny_cfg):
     from geb.checkpoint import save_checkpoint
-    from geb.export.hf import export_hf
+    from geb.interop.hf import export_hf
     from geb.model import GEB
 
     save_checkpoint(tmp_path / "m", GEB(tiny_cfg.replace(rope_dims=8)), tokenizer, {"stage": "random"})

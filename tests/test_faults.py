@@ -49,8 +49,8 @@ def _untouched(folder) -> bool:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tokenizer, tiny_model_dir):
     """One valid input for every writer, so that a refusal can only come from the destination check."""
-    from geb.export.gguf import export_gguf
-    from geb.export.hf import export_hf
+    from geb.interop.gguf import export_gguf
+    from geb.interop.hf import export_hf
 
     root = tmp_path_factory.mktemp("inputs")
     tokenizer.save(root / "tok")

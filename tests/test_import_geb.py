@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TEXT = "GEB-1.3B 在 2024 年发布。 The capital of France is Paris! 北京是中国的首都。 1234 😀 𠀀"
 
 
-# -- writing the release layout (independently of geb.export) -------------------------------------------------
+# -- writing the release layout (independently of geb.interop) -------------------------------------------------
 def _perm_from_half(heads: int, hd: int, rope: str) -> torch.Tensor:
     """Index p with release_rows = geb_rows[p], for geb's rotate-half rows → the release's rope layout."""
     rot = {"half": hd, "interleaved": hd, "chatglm": hd // 2}[rope]
@@ -113,7 +113,7 @@ def _bf16_round(model):
 @pytest.fixture(scope="module")
 def sp_model():
     from conftest import SAMPLE_TEXT
-    from geb.export.geb_release import VERIFY_TEXT
+    from geb.interop.geb_release import VERIFY_TEXT
 
     lines = SAMPLE_TEXT[:8] + VERIFY_TEXT.splitlines() + [TEXT]
     buf = io.BytesIO()
@@ -126,7 +126,7 @@ def sp_model():
 @pytest.fixture(scope="module")
 def release_cfg(sp_model):
     from geb.config import get_preset, pad_vocab
-    from geb.export.geb_release import DEFAULT_SPECIALS
+    from geb.interop.geb_release import DEFAULT_SPECIALS
 
     n = spm.SentencePieceProcessor(model_proto=sp_model).get_piece_size() + len(DEFAULT_SPECIALS)
     return get_preset("geb-test").replace(vocab_size=pad_vocab(n), ffn_hidden=96)
@@ -139,7 +139,7 @@ def _train(cfg, sp_model, steps=120):
     trained model, so SiLU and attention are far from linear. From geb's small initial weights a model
     that learns the text by heart stays nearly linear, and swapping gate and up, or one RoPE variant for
     another, gives nearly the same function: no layout would then be clearly better than the next."""
-    from geb.export.geb_release import VERIFY_TEXT
+    from geb.interop.geb_release import VERIFY_TEXT
     from geb.model import GEB
 
     sp = spm.SentencePieceProcessor(model_proto=sp_model)
@@ -184,7 +184,7 @@ def _logits(model, ids):
 # -- tests ------------------------------------------------------------------------------------------------------
 def test_mapping_math_for_the_expected_layout(tmp_path, sp_model, release_cfg):
     from geb.checkpoint import load_model
-    from geb.export.geb_release import Conventions, import_geb_release
+    from geb.interop.geb_release import Conventions, import_geb_release
     from geb.model import GEB
 
     model = GEB(release_cfg)
@@ -211,7 +211,7 @@ def test_mapping_math_for_the_expected_layout(tmp_path, sp_model, release_cfg):
 
 def test_tokenizer_matches_sentencepiece_and_carries_specials(tmp_path, sp_model, trained):
     from geb.checkpoint import load_model
-    from geb.export.geb_release import DEFAULT_SPECIALS, Conventions, import_geb_release
+    from geb.interop.geb_release import DEFAULT_SPECIALS, Conventions, import_geb_release
 
     write_release(tmp_path / "rel", trained, sp_model, kv_order="split", mlp_order="up-gate", rope="chatglm")
     import_geb_release(tmp_path / "rel", tmp_path / "geb", Conventions("split", "up-gate", "chatglm"))
@@ -257,7 +257,7 @@ def test_mapping_math_for_each_layout_variant(tmp_path, sp_model, release_cfg, v
     """Every branch of the reader: written here in that variant, imported with the true conventions, the
     model gives the original's logits and the config the original's shape (tied, rope base, KV heads)."""
     from geb.checkpoint import load_model
-    from geb.export.geb_release import Conventions, import_geb_release
+    from geb.interop.geb_release import Conventions, import_geb_release
     from geb.model import GEB
 
     kw, changes, conv, base = VARIANTS[variant]
@@ -280,7 +280,7 @@ def test_mapping_math_for_each_layout_variant(tmp_path, sp_model, release_cfg, v
 
 
 def test_output_layer_and_config_must_agree(tmp_path, sp_model, release_cfg):
-    from geb.export.geb_release import import_geb_release
+    from geb.interop.geb_release import import_geb_release
     from geb.model import GEB
 
     model = GEB(release_cfg)
@@ -297,7 +297,7 @@ LAYOUT = ("kv_order", "mlp_order", "rope")
 
 
 def test_verify_finds_the_layout(tmp_path, sp_model, trained):
-    from geb.export.geb_release import MIN_MARGIN, Conventions, chosen_conventions, verify_conventions
+    from geb.interop.geb_release import MIN_MARGIN, Conventions, chosen_conventions, verify_conventions
 
     write_release(tmp_path / "rel", trained, sp_model, kv_order="split", mlp_order="up-gate", rope="chatglm")
     rep = verify_conventions(tmp_path / "rel")
@@ -313,7 +313,7 @@ def test_verify_finds_the_layout(tmp_path, sp_model, trained):
 def test_verify_finds_interleaved_rope_when_the_kv_order_is_given(tmp_path, sp_model, trained_mqa):
     """Full-head adjacent-pair RoPE and one KV head named by multi_query_group_num; the given kv_order is
     kept and only the other two conventions are searched."""
-    from geb.export.geb_release import MIN_MARGIN, chosen_conventions, verify_conventions
+    from geb.interop.geb_release import MIN_MARGIN, chosen_conventions, verify_conventions
 
     write_release(tmp_path / "rel", trained_mqa, sp_model, mlp_order="up-gate", rope="interleaved",
                   config={"num_key_value_heads": None, "multi_query_group_num": 1})
@@ -329,7 +329,7 @@ def test_verify_refuses_a_tie_and_keeps_given_flags(tmp_path, sp_model, trained_
     """With one KV head both kv orders score exactly the same: --verify must not pick one (exit 2, the two
     best layouts and their perplexities in the message); naming --kv-order settles it, and the named order
     is the one imported."""
-    from geb.export.geb_release import MIN_MARGIN, chosen_conventions, verify_conventions
+    from geb.interop.geb_release import MIN_MARGIN, chosen_conventions, verify_conventions
 
     rel = tmp_path / "rel"
     write_release(rel, trained_mqa, sp_model, rope="interleaved", config={"num_key_value_heads": None,
@@ -401,7 +401,7 @@ def test_cli_verify_then_import(tmp_path, sp_model, trained, geb_cli):
 
 
 def test_bad_release_inputs_leave_no_folder(tmp_path, sp_model, release_cfg):
-    from geb.export.geb_release import import_geb_release
+    from geb.interop.geb_release import import_geb_release
     from geb.model import GEB
 
     model = GEB(release_cfg)
@@ -449,8 +449,8 @@ def test_imported_release_exports_to_gguf_with_sentencepiece_vocab(tmp_path, sp_
     """The imported folder keeps tokenizer.model; GGUF export writes llama.cpp's SentencePiece vocab."""
     gguf = pytest.importorskip("gguf")
     from geb.checkpoint import load_model
-    from geb.export.geb_release import import_geb_release
-    from geb.export.gguf import export_gguf
+    from geb.interop.geb_release import import_geb_release
+    from geb.interop.gguf import export_gguf
     from geb.model import GEB
 
     model = GEB(release_cfg)
@@ -489,8 +489,8 @@ def test_imported_release_in_transformers(tmp_path, sp_model, release_cfg):
     """The converted SentencePiece tokenizer and the chat format work in transformers too."""
     transformers = pytest.importorskip("transformers")
     from geb.checkpoint import load_model
-    from geb.export.geb_release import import_geb_release
-    from geb.export.hf import export_hf
+    from geb.interop.geb_release import import_geb_release
+    from geb.interop.hf import export_hf
     from geb.model import GEB
 
     write_release(tmp_path / "rel", _bf16_round(GEB(release_cfg)), sp_model)

@@ -37,7 +37,7 @@ def _llama(tmp_path, tokenizer, *, tied, heads, kv, name="hf", shard=None, head_
 @pytest.mark.parametrize("tied,heads,kv,head_dim", [(False, 4, 2, None), (True, 6, 6, None), (False, 3, 1, 24)])
 def test_import_matches_transformers(tmp_path, tokenizer, tied, heads, kv, head_dim):
     from geb.checkpoint import load_model
-    from geb.export.hf import import_hf
+    from geb.interop.hf import import_hf
 
     hf, folder = _llama(tmp_path, tokenizer, tied=tied, heads=heads, kv=kv, head_dim=head_dim)
     import_hf(folder, tmp_path / "geb")
@@ -64,7 +64,7 @@ def test_sharded_checkpoint_and_cli(tmp_path, tokenizer, geb_cli):
 def test_bad_hf_inputs_leave_no_folder(tmp_path, tokenizer):
     from safetensors.torch import load_file, save_file
 
-    from geb.export.hf import import_hf
+    from geb.interop.hf import import_hf
 
     _, folder = _llama(tmp_path, tokenizer, tied=False, heads=4, kv=2)
     st = folder / "model.safetensors"
@@ -101,7 +101,7 @@ def test_tokenizer_without_chatml_needs_and_follows_a_chat_format(tmp_path, toke
     from tokenizers import Tokenizer as HFTokenizer
 
     from geb.checkpoint import load_model
-    from geb.export.hf import export_hf, import_hf
+    from geb.interop.hf import export_hf, import_hf
 
     _, folder = _llama(tmp_path, tokenizer, tied=True, heads=4, kv=2)
     tj = json.loads((folder / "tokenizer.json").read_text())

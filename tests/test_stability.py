@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from geb.config import get_preset
-from geb.data.simple import pack_texts
+from geb.data.textfiles import pack_texts
 from geb.data.tokens import TokenData
 from geb.errors import GebError
 from geb.model import GEB

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from geb.data.simple import pack_texts
+from geb.data.textfiles import pack_texts
 from geb.errors import GebError
 from geb.train.loop import TrainConfig, lr_at
 from geb.train.pretrain import run_pretrain

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 
 def configure(p) -> None:
+    from geb.infer.quant import FORMATS
+    from geb.infer.weights import INT4_GROUP_SIZE
+
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="model folder (full precision, or quantized: then its own format only)")
     g.add_argument("--config", help="preset name, with --random-weights (e.g. geb-1.3b)")
     p.add_argument("--random-weights", action="store_true", help="random weights of the preset's shape")
-    p.add_argument("--formats", default="fp32,bf16,int8,int4", help="comma list (default: all four)")
+    p.add_argument("--formats", default=",".join(FORMATS), help="comma list (default: all four)")
     p.add_argument("--threads", default=None,
                    help="thread count, or a comma list to compare (default: physical cores)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--group-size", type=int, default=32, help="int4 group size")
+    p.add_argument("--group-size", type=int, default=INT4_GROUP_SIZE, help="int4 group size")
     p.add_argument("--reps", type=int, default=1, help="repetitions per measurement (median)")
     p.add_argument("--bandwidth", action="store_true", help="also measure memory read bandwidth (decode bound)")
     p.add_argument("--no-isolate", action="store_true", help="run all formats in this process (peak RSS is then shared)")

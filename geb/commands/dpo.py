@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from geb.commands.common import apply_threads
-from geb.commands.sft import add_train_args, stage_kwargs
+from geb.commands.common import add_train_args, apply_threads, stage_kwargs
 
 
 def configure(p) -> None:
@@ -14,7 +13,9 @@ def configure(p) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="assumed fraction of flipped preference labels (conservative DPO; default 0)")
     p.add_argument("--max-len", type=int, default=None, help="longest prompt + answer in tokens (default: the context)")
-    add_train_args(p, lr=1e-6, min_lr=1e-7, batch_size=8, epochs=1, unit="pairs")
+    from geb.train.dpo import DPO_DEFAULTS
+
+    add_train_args(p, DPO_DEFAULTS, epochs=1, unit="pairs")
 
 
 def run(args) -> int:

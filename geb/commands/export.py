@@ -35,12 +35,12 @@ def run(args) -> int:
     apply_threads(args)
     claim_output(args.out, "gguf" if args.format == "gguf" else "hf", args.force)
     if args.format == "gguf":
-        from geb.export.gguf import export_gguf
+        from geb.interop.gguf import export_gguf
 
         info = export_gguf(args.model, args.out, args.type, output_type=args.output_type,
                            embedding_type=args.embedding_type, name=args.name)
     else:
-        from geb.export.hf import export_hf
+        from geb.interop.hf import export_hf
 
         info = export_hf(args.model, args.out, dtype=args.dtype)
     print(json.dumps(info, indent=2, ensure_ascii=False))

@@ -56,15 +56,15 @@ def run(args) -> int:
     apply_threads(args)
     claim_output(args.out, "model", args.force)
     if args.format == "gguf":
-        from geb.export.gguf import import_gguf
+        from geb.interop.gguf import import_gguf
 
         out = import_gguf(args.path, args.out)
     elif args.format == "hf":
-        from geb.export.hf import import_hf
+        from geb.interop.hf import import_hf
 
         out = import_hf(args.path, args.out, chat_format=args.chat_format)
     else:
-        from geb.export.geb_release import (CONVENTION_FIELDS, Conventions, chosen_conventions,
+        from geb.interop.geb_release import (CONVENTION_FIELDS, Conventions, chosen_conventions,
                                             import_geb_release, verify_conventions)
 
         given = {f: getattr(args, f) for f in CONVENTION_FIELDS if getattr(args, f) is not None}

@@ -6,7 +6,8 @@ Also runs under torchrun (`torchrun --nproc-per-node N -m geb pretrain ...`) wit
 
 from __future__ import annotations
 
-from geb.commands.common import add_force, add_threads, claim_output
+from geb.commands.common import (add_config_args, add_force, add_threads, claim_output, config_fields,
+                                 settings_from_args)
 
 # Settings a resumed run may change: they alter speed, length or logging, not the math of a step.
 _RESUME_KEYS = ("steps", "eval_every", "save_every", "log_every", "device", "parallel", "compile",
@@ -16,7 +17,6 @@ _RESUME_KEYS = ("steps", "eval_every", "save_every", "log_every", "device", "par
 def configure(p) -> None:
     from geb.train.loop import TrainConfig
 
-    d = TrainConfig()
     p.add_argument("--data", help="token folder (geb tokenize / geb data run)")
     p.add_argument("--out", help="output checkpoint folder (with --resume: the folder to continue)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (any number "
@@ -28,59 +28,9 @@ def configure(p) -> None:
     p.add_argument("--config-file", help="a ModelConfig JSON instead of a preset")
     p.add_argument("--init-from", help="start from this checkpoint's weights (continued pretraining)")
     p.add_argument("--seq-len", type=int, default=256)
-    g = p.add_argument_group("schedule")
-    g.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps}; with --resume: extend the run)")
-    g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default {d.batch_size})")
-    g.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step, over all processes "
-                   f"(default {d.grad_accum})")
-    g.add_argument("--global-batch", type=int, help="sequences per optimizer step (sets --grad-accum = "
+    add_config_args(p, TrainConfig, _train_keys(), groups=True)
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (sets --grad-accum = "
                    "global / batch-size); the same whatever the number of processes")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
-    g.add_argument("--min-lr", type=float, help=f"final learning rate (default {d.min_lr})")
-    g.add_argument("--warmup-steps", type=int, help=f"default {d.warmup_steps}")
-    g.add_argument("--decay-steps", type=int, help="step at which the cosine reaches --min-lr (default: --steps)")
-    g.add_argument("--lr-preset", choices=["none", "small-batch"], help="small-batch: peak and min LR x0.5 and "
-                   "the cosine ends at 60%% of the steps (the paper's LR adjustment for small batches)")
-    g.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
-    g.add_argument("--grad-clip", type=float, help=f"default {d.grad_clip}")
-    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="autocast dtype (default auto: BF16 on GPUs "
-                   "that support it and on CPUs with native BF16 (AVX512-BF16, AMX), else FP32)")
-    g.add_argument("--device", help="auto (default), cpu, cuda")
-    g.add_argument("--seed", type=int, help=f"default {d.seed}")
-    g.add_argument("--eval-every", type=int, help=f"default {d.eval_every}")
-    g.add_argument("--save-every", type=int, help=f"default {d.save_every}")
-    g.add_argument("--log-every", type=int, help=f"default {d.log_every}")
-    s = p.add_argument_group("loss-spike measures (GEB-1.3B Figure 1; see docs/training.md)")
-    s.add_argument("--stability", choices=["auto", "on", "off"], help="spike detection, batch replacement, "
-                   "rollback with skipped data, automatic LR cut, embedding-gradient shrink 0.1 (default auto: "
-                   "on for pretraining models of 300M parameters and more)")
-    s.add_argument("--emb-grad-alpha", type=float, help="embedding gradient shrink factor (1 = off; default 0.1 "
-                   "with --stability on, else 1)")
-    s.add_argument("--spike-sigma", type=float, help=f"spike threshold in robust noise units (default {d.spike_sigma})")
-    s.add_argument("--spike-rel", type=float, help=f"and at least this fraction above the median (default {d.spike_rel})")
-    s.add_argument("--spike-window", type=int, help=f"recent losses in the statistics (default {d.spike_window})")
-    s.add_argument("--spike-min-history", type=int, help=f"default {d.spike_min_history}")
-    s.add_argument("--spike-retries", type=int, help=f"replacement batches before a rollback (default {d.spike_retries})")
-    s.add_argument("--no-rollback", dest="rollback", action="store_false", default=None,
-                   help="never roll back (spikes that survive the replacements are applied)")
-    s.add_argument("--snapshot-every", type=int, help=f"steps between in-memory good states (default {d.snapshot_every})")
-    s.add_argument("--snapshot-memory", choices=["auto", "host", "device"], help="where rollback snapshots live: "
-                   "host (default): at most two in CPU memory (pinned on CUDA), 12 bytes per parameter each; "
-                   "device: one, beside the weights (docs/training.md)")
-    s.add_argument("--skip-before", type=int, help=f"data iterations skipped before a spike (default {d.skip_before})")
-    s.add_argument("--skip-after", type=int, help=f"data iterations skipped after a spike (default {d.skip_after})")
-    s.add_argument("--lr-cut-after", type=int, help=f"cut the LR after this many spikes, 0 = never (default {d.lr_cut_after})")
-    s.add_argument("--lr-cut-factor", type=float, help=f"default {d.lr_cut_factor}")
-    h = p.add_argument_group("scale (torchrun, GPUs)")
-    h.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], help="data parallelism under torchrun: ddp "
-                   "(default) or fsdp (FSDP2, BF16 compute with FP32 master weights and reductions)")
-    h.add_argument("--compile", action="store_true", default=None, help="torch.compile each block")
-    h.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute activations in backward (less memory)")
-    h.add_argument("--attn", choices=["sdpa", "sdpa-flash", "flash-attn"], help="attention kernel (default sdpa: "
-                   "PyTorch picks FlashAttention-2 on CUDA; sdpa-flash insists on it; flash-attn: the package)")
-    h.add_argument("--peak-tflops", type=float, help="per-device dense BF16 peak for the MFU log (default: the "
-                   "GPUs in geb's table; others log no MFU until given this)")
     p.add_argument("--verify-data", action="store_true", help="check the full SHA-256 of every token shard "
                    "before training (opening always checks sizes and a sampled hash)")
     p.add_argument("--quiet", action="store_true")
@@ -88,11 +38,11 @@ def configure(p) -> None:
     add_threads(p)
 
 
-_TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "decay_steps", "weight_decay",
-               "grad_clip", "dtype", "device", "seed", "eval_every", "save_every", "log_every", "emb_grad_alpha",
-               "lr_preset", "stability", "spike_sigma", "spike_rel", "spike_window", "spike_min_history",
-               "spike_retries", "rollback", "snapshot_every", "snapshot_memory", "skip_before", "skip_after", "lr_cut_after",
-               "lr_cut_factor", "parallel", "compile", "activation_checkpointing", "attn", "peak_tflops")
+def _train_keys() -> list[str]:
+    """The TrainConfig settings `geb pretrain` takes: every field listed under a flag group."""
+    from geb.train.loop import TrainConfig
+
+    return [f.name for f in config_fields(TrainConfig) if f.metadata.get("group")]
 
 
 def _threads(args) -> None:
@@ -126,7 +76,7 @@ def run(args) -> int:
     if not args.resume:
         claim_output(args.out, "model", args.force)
     _threads(args)
-    given = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k) is not None}
+    given = settings_from_args(args, _train_keys())
     if args.global_batch is not None:
         bs = given.get("batch_size", TrainConfig().batch_size)
         if args.global_batch % bs or "grad_accum" in given:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 def configure(p) -> None:
     from geb.commands.common import add_force, add_threads
+    from geb.infer.quant import FORMATS, INT4_GROUPS
+    from geb.infer.weights import INT4_GROUP_SIZE
 
     p.add_argument("--model", required=True, help="full-precision model folder")
-    p.add_argument("--format", required=True, choices=["bf16", "int8", "int4"])
-    p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
+    p.add_argument("--format", required=True, choices=[f for f in FORMATS if f != "fp32"])
+    p.add_argument("--group-size", type=int, default=INT4_GROUP_SIZE,
+                   help=f"int4 group size: {', '.join(map(str, INT4_GROUPS))} (default {INT4_GROUP_SIZE})")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--eval-text", help="optional held-out text file: print perplexity vs fp32")
     add_force(p)

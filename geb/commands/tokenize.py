@@ -19,7 +19,7 @@ def configure(p) -> None:
 
 def run(args) -> int:
     from geb.commands.common import claim_output
-    from geb.data.simple import pack_texts, read_texts
+    from geb.data.textfiles import pack_texts, read_texts
     from geb.tokenizer import Tokenizer
 
     claim_output(args.out, "tokens", args.force)

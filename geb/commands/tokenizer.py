@@ -21,9 +21,9 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from geb.data.simple import read_texts
+    from geb.data.textfiles import read_texts
     from geb.errors import GebError
-    from geb.tokenizer import Tokenizer
+    from geb.tokenizer import Tokenizer, efficiency
 
     if args.action == "train":
         tok = Tokenizer.train(read_texts(args.inputs), vocab_size=args.vocab_size, min_frequency=args.min_frequency)
@@ -44,11 +44,3 @@ def run(args) -> int:
         for lang, r in rows.items():
             print(f"{lang:<5}{r['chars_per_token']:>12.3f}{r['bytes_per_token']:>12.3f}{r['tokens']:>10}")
     return 0
-
-
-def efficiency(tok, texts: list[str]) -> dict:
-    n_tok = sum(len(ids) for ids in tok.encode_batch(texts))
-    chars = sum(len(t) for t in texts)
-    nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"tokens": n_tok, "chars": chars, "bytes": nbytes,
-            "chars_per_token": chars / max(n_tok, 1), "bytes_per_token": nbytes / max(n_tok, 1)}

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import random
 from pathlib import Path
 
+from geb.common import atomic_write_text
 from geb.corpus.templates import QUESTIONS, render
 from geb.corpus.world import SUBJECTS, facts
 
@@ -68,12 +68,7 @@ def _write_all(folder: str | Path, files: dict[str, str]) -> list[Path]:
     folder = Path(folder)
     paths = []
     for rel, text in files.items():
-        path = folder / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(atomic_write_text(folder / rel, text))
     return paths
 
 

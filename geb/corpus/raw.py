@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
 from pathlib import Path
 
+from geb.common import atomic_write_bytes
 from geb.corpus.texts import pretrain_texts
 
 # Simplified → traditional for the characters this corpus uses (only pairs whose traditional form
@@ -258,11 +258,7 @@ def write_raw_corpus(folder: str | Path, seed: int = 0, bad_input: bool = False,
 
     folder = Path(folder)
     for rel, data in payload.items():  # everything is rendered before the first file is written
-        path = folder / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(folder / rel, data)
 
     injected = {k: sum(k in d["kinds"] for d in docs) for k in KINDS}
     return {"documents": len(docs), "characters": sum(len(d["text"]) for d in docs),

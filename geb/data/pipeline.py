@@ -38,7 +38,8 @@ from pathlib import Path
 
 from geb.data import settings as S
 from geb.checkpoint import AtomicFolder, check_destination
-from geb.data.steps import Meter, Timed, write_json_atomic
+from geb.common import atomic_write_json
+from geb.data.metering import Meter, Timed
 from geb.errors import GebError
 
 TEXT_FORMAT = "geb-text-v1"
@@ -258,7 +259,7 @@ def _publish_text(src: Path, L: Layout, meta: dict) -> dict:
             names.append(name)
         meta = {"format": TEXT_FORMAT, "files": names, "documents": docs, "chars": chars,
                 "data_hash": h.hexdigest()[:16], **meta}
-        write_json_atomic(tmp / "meta.json", meta)
+        atomic_write_json(tmp / "meta.json", meta)
     return meta
 
 
@@ -325,7 +326,7 @@ def prepare_run(input_dir: str | Path, output_dir: str | Path, overrides: dict |
         for p in (L.work, L.text, L.tokens):
             shutil.rmtree(p, ignore_errors=True)
     L.work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, run_id)
+    atomic_write_json(run_file, run_id)
     stages = build_stages(root, L.out, settings, files, tasks) if files else []
     return Run(root, L, settings, files, tasks, fingerprint, stages)
 
@@ -357,7 +358,7 @@ def run_pipeline(input_dir: str | Path, output_dir: str | Path, tokenizer_dir: s
         packed = pack_text(L.text, tokenizer_dir, L.tokens, val_fraction=float(settings["val_fraction"]),
                            seed=int(settings["seed"]))
         config["tokens_hash"] = packed["data_hash"]
-    write_json_atomic(L.out / "config.json", config)
+    atomic_write_json(L.out / "config.json", config)
     return build_report(L, settings, run.files, run.stages, times, elapsed, text_meta, packed)
 
 

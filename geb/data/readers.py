@@ -20,7 +20,7 @@ from pathlib import Path
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.readers.base import BaseReader
 
-from geb.data.steps import write_json_atomic
+from geb.common import atomic_write_json
 
 JSONL_EXT = (".jsonl", ".json", ".ndjson")
 TXT_EXT = (".txt", ".text")
@@ -202,7 +202,7 @@ class GebReader(BaseReader):
                     continue
                 if docs == n0 and sum(self._counts.values()) == r0:
                     self._reject(rel, None, "no documents in file (empty)")
-        write_json_atomic(Path(self.stats_dir) / "read" / f"{rank:05d}.json",
+        atomic_write_json(Path(self.stats_dir) / "read" / f"{rank:05d}.json",
                           {"step": "read", "stage": "read", "files": len(files), "docs_out": docs,
                            "chars_out": chars, "rejects": self._counts})
 

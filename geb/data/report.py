@@ -13,7 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 from geb.data import settings as S
-from geb.data.steps import snippet, write_json_atomic
+from geb.common import atomic_write_json
+from geb.data.metering import snippet
 
 MAX_REJECT_EXAMPLES = 20
 MAX_EXAMPLES = 5
@@ -70,7 +71,7 @@ def _dedup_row(L, name: str) -> dict:
 def step_seconds(L, stages, steps: list[dict]) -> dict:
     """Seconds of each step's own work summed over tasks, in pipeline order: rules from their rows,
     readers, writers and datatrove's dedup steps from the Timed wrappers' files."""
-    from geb.data.steps import MeteredStep, Timed
+    from geb.data.metering import MeteredStep, Timed
 
     rows = {r["step"]: r for r in steps}
     out = {}
@@ -134,7 +135,7 @@ def build_report(L, settings: dict, files: list[str], stages, times: dict, elaps
     }
     if not files:
         report["input"]["note"] = "the input folder holds no files"
-    write_json_atomic(L.out / "report.json", report)
+    atomic_write_json(L.out / "report.json", report)
     chart = _chart(steps, L.out / "report.png")
     (L.out / "report.md").write_text(_markdown(report, chart), encoding="utf-8")
     return report

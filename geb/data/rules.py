@@ -18,7 +18,7 @@ from pathlib import Path
 
 from datatrove.data import Document
 
-from geb.data.steps import MeteredStep
+from geb.data.metering import MeteredStep
 from geb.data.text import CJK_RE, INLINE_CODE_RE, code_line_mask, ends_sentence, nonspace_count, split_sentences, units
 from geb.errors import GebError
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from geb.common import atomic_write, atomic_write_text
 from geb.errors import GebError
 
 FORMAT = "geb-tokens-v1"
@@ -38,12 +38,6 @@ def sample_sha256(buf) -> str:
             off = i * (n - SAMPLE_BYTES) // (SAMPLE_BLOCKS - 1)
             h.update(mv[off : off + SAMPLE_BYTES])
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class TokenWriter:
@@ -78,10 +72,8 @@ class TokenWriter:
         self._buf[split], self._buf_len[split] = [], 0
         n = len(self.shards.setdefault(split, []))
         name = f"{split}_{n:05d}.bin"
-        tmp = self.folder / f".{name}.tmp"
-        with open(tmp, "wb") as f:  # not ndarray.tofile: its short-write error carries no errno
-            f.write(memoryview(data).cast("B"))
-        os.replace(tmp, self.folder / name)
+        # not ndarray.tofile: its short-write error carries no errno
+        atomic_write(self.folder / name, lambda p: p.write_bytes(memoryview(data).cast("B")))
         self.shards[split].append({"file": name, "tokens": int(data.size),
                                    "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
                                    "sample_sha256": sample_sha256(data)})

@@ -31,9 +31,10 @@ import torch
 
 from geb.config import ModelConfig
 from geb.infer.runtime import Runtime, SlotCache, build_runtime
+from geb.infer.weights import INT4_GROUP_SIZE
 
 
-def random_runtime(cfg: ModelConfig, fmt: str, group_size: int = 32, seed: int = 0) -> Runtime:
+def random_runtime(cfg: ModelConfig, fmt: str, group_size: int = INT4_GROUP_SIZE, seed: int = 0) -> Runtime:
     """A runtime with GEB-initialised random weights, made one tensor at a time (never a full FP32 model)."""
     gen = torch.Generator().manual_seed(seed)
     std, out_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)
@@ -156,9 +157,9 @@ def bench_format(spec: dict) -> dict:
         from geb.infer.weights import load_runtime
 
         rt, _, _ = load_runtime(spec["model"], spec["format"] if not spec.get("quantized") else None,
-                                spec.get("group_size", 32))
+                                spec.get("group_size", INT4_GROUP_SIZE))
     else:
-        rt = random_runtime(get_preset(spec["config"]), spec["format"], spec.get("group_size", 32))
+        rt = random_runtime(get_preset(spec["config"]), spec["format"], spec.get("group_size", INT4_GROUP_SIZE))
     load_s = time.perf_counter() - t0
     rt.set_threads(spec["threads"])
     res = bench_runtime(rt, spec["prompt_len"], spec["new_tokens"], spec.get("reps", 1))

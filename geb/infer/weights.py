@@ -25,6 +25,8 @@ from geb.infer.quant import FORMATS, INT4_GROUPS, Embedding, check_format, linea
 from geb.infer.runtime import Layer, Runtime, build_runtime, default_side_formats
 
 LAYOUT = "geb-fused-v1"
+# the int4 group size when none is asked for (INT4_GROUPS: the ones allowed); every default reads it here
+INT4_GROUP_SIZE = 32
 ALIGN = 64  # bytes; quantized folders place every tensor on such a boundary
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8,
            "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
@@ -169,7 +171,7 @@ def runtime_from_quantized(folder: Path, cfg: ModelConfig, q: dict, backend: str
     q = _check_quantization(q, folder / CONFIG)
     native = native_backend(backend)
     st = SafeTensorsMap(folder / WEIGHTS)
-    fmt, gs = q["format"], q.get("group_size") or 32
+    fmt, gs = q["format"], q.get("group_size") or INT4_GROUP_SIZE
     c = cfg
     used: set[str] = set()
 
@@ -227,7 +229,7 @@ def _check_full_names(st: SafeTensorsMap, cfg: ModelConfig) -> None:
     check_state_dict(fake, model, str(st.path))
 
 
-def load_runtime(folder: str | Path, fmt: str | None = None, group_size: int = 32, backend: str = "auto"):
+def load_runtime(folder: str | Path, fmt: str | None = None, group_size: int = INT4_GROUP_SIZE, backend: str = "auto"):
     """(Runtime, Tokenizer, meta) from a full-precision or a quantized model folder.
 
     A full folder is converted to `fmt` (default fp32) as it loads; a quantized folder runs in its
@@ -278,7 +280,7 @@ def save_quantized(out: str | Path, rt: Runtime, tokenizer, meta: dict) -> Path:
     return out
 
 
-def quantize_folder(src: str | Path, out: str | Path, fmt: str, group_size: int = 32) -> Path:
+def quantize_folder(src: str | Path, out: str | Path, fmt: str, group_size: int = INT4_GROUP_SIZE) -> Path:
     """`geb quantize`: convert a full-precision model folder into a quantized one."""
     src = check_folder(src)
     if fmt not in ("bf16", "int8", "int4"):

@@ -1,6 +1,7 @@
 """The HTTP server: a FastAPI app speaking the OpenAI API over one continuous-batching engine.
 
-`create_app(settings)` builds the app; its startup loads the model on a background thread, so the
+`create_app(settings)` builds the app from the module-level route handlers, which read a `State`
+(`app.state.geb`); its startup loads the model on a background thread, so the
 port answers at once (503 "loading" until the engine is ready). `run_server(settings)` runs it under
 uvicorn. Every /v1 route checks, in order: the API key (401), readiness (503), the body size (413),
 the JSON and its fields (400, geb.serve.protocol), the model name (404), the prompt and token limits
@@ -12,6 +13,7 @@ engine's next step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import sys
@@ -215,9 +217,9 @@ def sse(obj) -> str:
 
 # -- the app ----------------------------------------------------------------------------------------
 def create_app(settings: ServerSettings, engine_factory=None) -> FastAPI:
-    """The app; the model loads on a thread when it starts (settings.model, or `engine_factory()`)."""
+    """The app; the model loads on a thread when it starts (settings.model, or `engine_factory()`).
+    The routes are the module-level handlers below; each reads the app's State (`app.state.geb`)."""
     state = State(settings)
-    page = resources.files("geb.serve").joinpath("static", "chat.html").read_bytes()
 
     @asynccontextmanager
     async def lifespan(app):
@@ -228,192 +230,231 @@ def create_app(settings: ServerSettings, engine_factory=None) -> FastAPI:
 
     app = FastAPI(title="geb", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.geb = state
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e: StarletteHTTPException):
-        err = APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
-        return JSONResponse(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _crash(request, e: Exception):
-        traceback.print_exc()
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status_code=500)
-
-    def authorize(request: Request) -> None:
-        key = settings.api_key
-        if not key:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, token = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise APIError(401, "Incorrect API key provided." if got else
-                           "You didn't provide an API key (Authorization: Bearer KEY).", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
-
-    def check_model(name: str) -> None:
-        if name != settings.name:
-            raise APIError(404, f"The model '{name}' does not exist (this server has '{settings.name}').",
-                           "model", "model_not_found")
-
-    def model_card() -> dict:
-        return {"id": settings.name, "object": "model", "created": state.created, "owned_by": "geb"}
-
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return HTMLResponse(page)
-
-    @app.get("/health")
-    async def health():
-        body = {"status": state.status, "model": settings.name}
-        if state.status == "ready":
-            return {**body, **state.info, **state.scheduler.stats()}
-        if state.error:
-            body["error"] = state.error
-        return JSONResponse(body, status_code=503)
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        authorize(request)
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request):
-        authorize(request)
-        check_model(model_id)
-        return model_card()
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        authorize(request)
-        sched = state.require_ready()
-        req = parse(ChatRequest, await read_json(request, settings.max_body_bytes))
-        check_model(req.model)
-        try:
-            ids, _ = state.tok.render_chat(req.conversation(), add_generation_prompt=True)
-        except GebError as e:
-            raise invalid(str(e), "messages") from None
-        return await respond(request, sched, req, [ids], chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        authorize(request)
-        sched = state.require_ready()
-        req = parse(CompletionRequest, await read_json(request, settings.max_body_bytes))
-        check_model(req.model)
-        prompts, texts = [], []
-        vocab = state.tok.vocab_size
-        for i, p in enumerate(req.prompts()):
-            if isinstance(p, str):
-                ids, text = state.tok.encode(p), p
-            else:
-                bad = next((t for t in p if not 0 <= t < vocab), None)
-                if bad is not None:
-                    raise invalid(f"prompt[{i}]: token id {bad} is outside the vocabulary (0..{vocab - 1})", "prompt")
-                ids, text = list(p), state.tok.decode(p)
-            prompts.append(ids or [state.tok.eos_id])  # an empty prompt starts a new document
-            texts.append(text)
-        return await respond(request, sched, req, prompts, chat=False, echo=texts if req.echo else None)
-
-    async def respond(request: Request, sched: Scheduler, req, prompts: list[list[int]], chat: bool,
-                      echo: list[str] | None = None):
-        n = req.n or 1
-        if len(prompts) * n > sched.slots:
-            raise invalid(f"{len(prompts)} prompt(s) x n={n} is more than this server's {sched.slots} batch "
-                          "slots (--max-concurrency)", "n")
-        for ids in prompts:
-            if len(ids) > state.max_prompt:
-                raise invalid(f"This model's prompt limit is {state.max_prompt} tokens, but the prompt has "
-                              f"{len(ids)} tokens (--max-prompt-tokens).", "messages" if chat else "prompt",
-                              "context_length_exceeded")
-        limit = req.limit
-        if limit is not None and limit > state.max_tokens:
-            raise invalid(f"max_tokens is {limit}, but this server generates at most {state.max_tokens} tokens "
-                          "per request (--max-tokens).", "max_tokens", "invalid_value")
-        budgets = []
-        for ids in prompts:
-            room = state.context - len(ids)
-            if limit is not None and limit > room:
-                raise invalid(f"This server's context is {state.context} tokens, but you requested "
-                              f"{len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} to generate).",
-                              "max_tokens", "context_length_exceeded")
-            default = state.max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
-            budgets.append(limit if limit is not None else min(default, room))
-        jobs = [(ids, req.sampling(b, j)) for ids, b in zip(prompts, budgets) for j in range(n)]
-        try:
-            ticket = sched.submit(jobs, new_id("req"))
-        except Busy as e:
-            raise APIError(429, f"The server is busy: {e}. Retry shortly.", code="rate_limit_exceeded",
-                           headers={"Retry-After": "1"}) from None
-        except GebError as e:  # the engine refuses the prompt (the checks above should have caught it)
-            raise invalid(str(e), "messages" if chat else "prompt") from None
-        rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
-        prompt_tokens = sum(len(ids) for ids in prompts)  # once per prompt, not per choice (as OpenAI counts)
-        if req.stream:
-            gen = (stream_chat(ticket, rid, created, req, prompt_tokens) if chat
-                   else stream_text(ticket, rid, created, req, prompt_tokens, echo, n))
-            return EventStream(gen, ticket.cancel)
-        texts = [""] * len(jobs)
-        collect = asyncio.ensure_future(_collect(ticket, texts))
-        gone = asyncio.ensure_future(wait_disconnect(request))
-        left = True
-        try:
-            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-            left = not collect.done()
-        finally:
-            gone.cancel()
-            if left:  # the client went away (or the server is stopping): free the slots
-                collect.cancel()
-                ticket.cancel()
-        if left:
-            return Response(status_code=499)  # "client closed request" (nginx's code): nobody reads it
-        error = collect.result()
-        if error:
-            raise error
-        if echo:
-            texts = [echo[k // n] + t for k, t in enumerate(texts)]
-        choices = list(zip(texts, ticket.finish))
-        use = usage(prompt_tokens, sum(ticket.completion_tokens))
-        return (chat_body if chat else completion_body)(rid, created, settings.name, choices, use)
-
-    async def stream_chat(ticket: Ticket, rid: str, created: int, req: ChatRequest, prompt_tokens: int):
-        model, with_usage = settings.name, req.include_usage
-        for i in range(len(ticket.rids)):
-            yield sse(chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}, with_usage=with_usage))
-        async for i, u in ticket:
-            if u.finish in FAILED:
-                yield sse(failure(u).body())
-                return
-            if u.text:
-                yield sse(chat_chunk(rid, created, model, i, {"content": u.text}, with_usage=with_usage))
-            if u.finish is not None:
-                yield sse(chat_chunk(rid, created, model, i, {}, finish=u.finish, with_usage=with_usage))
-        if with_usage:
-            use = usage(prompt_tokens, sum(ticket.completion_tokens))
-            yield sse(chat_chunk(rid, created, model, None, use=use, with_usage=True))
-        yield "data: [DONE]\n\n"
-
-    async def stream_text(ticket: Ticket, rid: str, created: int, req: CompletionRequest, prompt_tokens: int,
-                          echo: list[str] | None, n: int):
-        model, with_usage = settings.name, req.include_usage
-        if echo:
-            for k in range(len(ticket.rids)):
-                yield sse(completion_chunk(rid, created, model, k, echo[k // n], with_usage=with_usage))
-        async for i, u in ticket:
-            if u.finish in FAILED:
-                yield sse(failure(u).body())
-                return
-            if u.text or u.finish is not None:
-                yield sse(completion_chunk(rid, created, model, i, u.text, u.finish, with_usage=with_usage))
-        if with_usage:
-            use = usage(prompt_tokens, sum(ticket.completion_tokens))
-            yield sse(completion_chunk(rid, created, model, None, use=use, with_usage=True))
-        yield "data: [DONE]\n\n"
-
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _crash)
+    app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
     return app
+
+
+def _state(request: Request) -> State:
+    return request.app.state.geb
+
+
+# -- errors as OpenAI-shaped JSON ----------------------------------------------------------------------
+async def _api_error(request, e: APIError):
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _http_error(request, e: StarletteHTTPException):
+    err = APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+    return JSONResponse(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+
+async def _crash(request, e: Exception):
+    traceback.print_exc()
+    return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status_code=500)
+
+
+def authorize(request: Request) -> None:
+    key = _state(request).settings.api_key
+    if not key:
+        return
+    got = request.headers.get("authorization", "")
+    scheme, _, token = got.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "Incorrect API key provided." if got else
+                       "You didn't provide an API key (Authorization: Bearer KEY).", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def check_model(state: State, name: str) -> None:
+    if name != state.settings.name:
+        raise APIError(404, f"The model '{name}' does not exist (this server has '{state.settings.name}').",
+                       "model", "model_not_found")
+
+
+def model_card(state: State) -> dict:
+    return {"id": state.settings.name, "object": "model", "created": state.created, "owned_by": "geb"}
+
+
+# -- routes --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _page() -> bytes:
+    return resources.files("geb.serve").joinpath("static", "chat.html").read_bytes()
+
+
+async def index():
+    return HTMLResponse(_page())
+
+
+async def health(request: Request):
+    state = _state(request)
+    body = {"status": state.status, "model": state.settings.name}
+    if state.status == "ready":
+        return {**body, **state.info, **state.scheduler.stats()}
+    if state.error:
+        body["error"] = state.error
+    return JSONResponse(body, status_code=503)
+
+
+async def models(request: Request):
+    authorize(request)
+    return {"object": "list", "data": [model_card(_state(request))]}
+
+
+async def model(model_id: str, request: Request):
+    authorize(request)
+    check_model(_state(request), model_id)
+    return model_card(_state(request))
+
+
+async def _admit(request: Request, kind):
+    """The checks every generating route makes first (key, readiness, body, model): (state, scheduler, request)."""
+    authorize(request)
+    state = _state(request)
+    sched = state.require_ready()
+    req = parse(kind, await read_json(request, state.settings.max_body_bytes))
+    check_model(state, req.model)
+    return state, sched, req
+
+
+async def chat_completions(request: Request):
+    state, sched, req = await _admit(request, ChatRequest)
+    try:
+        ids, _ = state.tok.render_chat(req.conversation(), add_generation_prompt=True)
+    except GebError as e:
+        raise invalid(str(e), "messages") from None
+    return await respond(request, state, sched, req, [ids], chat=True)
+
+
+async def completions(request: Request):
+    state, sched, req = await _admit(request, CompletionRequest)
+    prompts, texts = [], []
+    vocab = state.tok.vocab_size
+    for i, p in enumerate(req.prompts()):
+        if isinstance(p, str):
+            ids, text = state.tok.encode(p), p
+        else:
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise invalid(f"prompt[{i}]: token id {bad} is outside the vocabulary (0..{vocab - 1})", "prompt")
+            ids, text = list(p), state.tok.decode(p)
+        prompts.append(ids or [state.tok.eos_id])  # an empty prompt starts a new document
+        texts.append(text)
+    return await respond(request, state, sched, req, prompts, chat=False, echo=texts if req.echo else None)
+
+
+def budgets(state: State, sched: Scheduler, req, prompts: list[list[int]], chat: bool) -> list[int]:
+    """Tokens each prompt may generate, after checking the request against the server's limits (400)."""
+    n = req.n or 1
+    if len(prompts) * n > sched.slots:
+        raise invalid(f"{len(prompts)} prompt(s) x n={n} is more than this server's {sched.slots} batch "
+                      "slots (--max-concurrency)", "n")
+    for ids in prompts:
+        if len(ids) > state.max_prompt:
+            raise invalid(f"This model's prompt limit is {state.max_prompt} tokens, but the prompt has "
+                          f"{len(ids)} tokens (--max-prompt-tokens).", "messages" if chat else "prompt",
+                          "context_length_exceeded")
+    limit = req.limit
+    if limit is not None and limit > state.max_tokens:
+        raise invalid(f"max_tokens is {limit}, but this server generates at most {state.max_tokens} tokens "
+                      "per request (--max-tokens).", "max_tokens", "invalid_value")
+    out = []
+    for ids in prompts:
+        room = state.context - len(ids)
+        if limit is not None and limit > room:
+            raise invalid(f"This server's context is {state.context} tokens, but you requested "
+                          f"{len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} to generate).",
+                          "max_tokens", "context_length_exceeded")
+        default = state.max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
+        out.append(limit if limit is not None else min(default, room))
+    return out
+
+
+async def respond(request: Request, state: State, sched: Scheduler, req, prompts: list[list[int]], chat: bool,
+                  echo: list[str] | None = None):
+    """Submit the prompts (n choices each) and answer: a stream of events, or one body when all are done."""
+    n = req.n or 1
+    jobs = [(ids, req.sampling(b, j)) for ids, b in zip(prompts, budgets(state, sched, req, prompts, chat))
+            for j in range(n)]
+    try:
+        ticket = sched.submit(jobs, new_id("req"))
+    except Busy as e:
+        raise APIError(429, f"The server is busy: {e}. Retry shortly.", code="rate_limit_exceeded",
+                       headers={"Retry-After": "1"}) from None
+    except GebError as e:  # the engine refuses the prompt (the checks above should have caught it)
+        raise invalid(str(e), "messages" if chat else "prompt") from None
+    rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+    prompt_tokens = sum(len(ids) for ids in prompts)  # once per prompt, not per choice (as OpenAI counts)
+    model = state.settings.name
+    if req.stream:
+        gen = (stream_chat(ticket, model, rid, created, req, prompt_tokens) if chat
+               else stream_text(ticket, model, rid, created, req, prompt_tokens, echo, n))
+        return EventStream(gen, ticket.cancel)
+    texts = [""] * len(jobs)
+    collect = asyncio.ensure_future(_collect(ticket, texts))
+    gone = asyncio.ensure_future(wait_disconnect(request))
+    left = True
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        left = not collect.done()
+    finally:
+        gone.cancel()
+        if left:  # the client went away (or the server is stopping): free the slots
+            collect.cancel()
+            ticket.cancel()
+    if left:
+        return Response(status_code=499)  # "client closed request" (nginx's code): nobody reads it
+    error = collect.result()
+    if error:
+        raise error
+    if echo:
+        texts = [echo[k // n] + t for k, t in enumerate(texts)]
+    choices = list(zip(texts, ticket.finish))
+    use = usage(prompt_tokens, sum(ticket.completion_tokens))
+    return (chat_body if chat else completion_body)(rid, created, model, choices, use)
+
+
+async def stream_chat(ticket: Ticket, model: str, rid: str, created: int, req: ChatRequest, prompt_tokens: int):
+    with_usage = req.include_usage
+    for i in range(len(ticket.rids)):
+        yield sse(chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}, with_usage=with_usage))
+    async for i, u in ticket:
+        if u.finish in FAILED:
+            yield sse(failure(u).body())
+            return
+        if u.text:
+            yield sse(chat_chunk(rid, created, model, i, {"content": u.text}, with_usage=with_usage))
+        if u.finish is not None:
+            yield sse(chat_chunk(rid, created, model, i, {}, finish=u.finish, with_usage=with_usage))
+    if with_usage:
+        use = usage(prompt_tokens, sum(ticket.completion_tokens))
+        yield sse(chat_chunk(rid, created, model, None, use=use, with_usage=True))
+    yield "data: [DONE]\n\n"
+
+
+async def stream_text(ticket: Ticket, model: str, rid: str, created: int, req: CompletionRequest,
+                      prompt_tokens: int, echo: list[str] | None, n: int):
+    with_usage = req.include_usage
+    if echo:
+        for k in range(len(ticket.rids)):
+            yield sse(completion_chunk(rid, created, model, k, echo[k // n], with_usage=with_usage))
+    async for i, u in ticket:
+        if u.finish in FAILED:
+            yield sse(failure(u).body())
+            return
+        if u.text or u.finish is not None:
+            yield sse(completion_chunk(rid, created, model, i, u.text, u.finish, with_usage=with_usage))
+    if with_usage:
+        use = usage(prompt_tokens, sum(ticket.completion_tokens))
+        yield sse(completion_chunk(rid, created, model, None, use=use, with_usage=True))
+    yield "data: [DONE]\n\n"
 
 
 async def _collect(ticket: Ticket, texts: list[str]) -> APIError | None:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from geb.checkpoint import CONFIG, META, WEIGHTS, check_destination, save_checkpoint, with_path
+from geb.common import atomic_write
 from geb.errors import GebError
 
 DCP_DIR = "dcp"
@@ -107,14 +108,6 @@ def all_reduce_mean(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= env.world
     return values
-
-
-def broadcast_object(obj, env: DistEnv):
-    if not env.active:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class _DDP(torch.nn.parallel.DistributedDataParallel):
@@ -366,10 +359,7 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
         sd.pop("lm_head.weight", None)
     sd = {k: v.contiguous() for k, v in sd.items()}
     if out is None:
-        tmp = folder / f".{WEIGHTS}.tmp"
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, folder / WEIGHTS)
-        return folder / WEIGHTS
+        return atomic_write(folder / WEIGHTS, lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
     out = Path(out)
     with AtomicFolder(out, kind="model") as tmp:
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from geb.checkpoint import CONFIG, META, WEIGHTS, check_folder, load_model, read_meta
+from geb.common import atomic_write, atomic_write_json
 from geb.config import ModelConfig
 from geb.errors import GebError
 from geb.tokenizer import Tokenizer
@@ -38,6 +39,9 @@ from geb.train.loop import TrainConfig, resolve_device, resolve_dtype, resume_co
 from geb.train.sft import IGNORE
 
 REF_FILE = "reference_logps.pt"
+
+# What DPO changes in TrainConfig's pretraining defaults (run_dpo and `geb dpo` read it here)
+DPO_DEFAULTS = {"lr": 1e-6, "min_lr": 1e-7, "weight_decay": 0.0}
 
 
 # -- the math -------------------------------------------------------------------------------------------
@@ -185,13 +189,24 @@ def _park_cache(out_dir: Path, inside: bool) -> None:
         os.replace(src, dst)
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 # -- the stage ------------------------------------------------------------------------------------------
+def _reference_logps(out_dir: Path, key: dict, ref_dir: Path, pairs, val, batch_size: int, pad_id: int, device,
+                     amp_dtype, log) -> tuple[dict, object]:
+    """The reference model's log-probs of every pair: the cache beside `out_dir` when its key matches, else
+    computed (and cached). Returns (cache, the reference model when it was loaded, else None)."""
+    cache = _load_cache(out_dir, key)
+    if cache is not None:
+        log("reusing cached reference log-probs")
+        return cache, None
+    log(f"computing reference log-probs of {len(pairs) + len(val)} pairs with {ref_dir} ...")
+    model, _, _ = load_model(ref_dir, device=device)
+    cache = {"key": key, "train": compute_logps(model, pairs, batch_size, pad_id, device, amp_dtype),
+             "val": compute_logps(model, val, batch_size, pad_id, device, amp_dtype)}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(_cache_paths(out_dir)[1], lambda p: torch.save(cache, p))
+    return cache, model
+
+
 def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, val_data: Data | None = None,
             val_fraction: float = 0.0, beta: float = 0.1, label_smoothing: float = 0.0,
             train_config: TrainConfig | None = None, epochs: float | None = None, warmup_ratio: float | None = None,
@@ -218,7 +233,7 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
         if (out_dir / META).exists():
             raise GebError(f"{out_dir}: already holds a checkpoint; use --resume to continue it or choose another --out")
         ref_dir = Path(check_folder(model_dir))
-        c = train_config or TrainConfig(lr=1e-6, min_lr=1e-7, weight_decay=0.0, warmup_steps=10)
+        c = train_config or TrainConfig(**DPO_DEFAULTS, warmup_steps=10)
         tok_dir = ref_dir
     tok = Tokenizer.load(tok_dir)
     cfg = ModelConfig.load(Path(tok_dir) / CONFIG)
@@ -239,18 +254,8 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
         key = {"reference_weights": _file_hash(check_folder(ref_dir) / WEIGHTS), "data_hash": data_hash,
                "val_data_hash": val_hash, "val_fraction": val_fraction, "seed": c.seed, "max_len": max_len,
                "on_bad": on_bad, "dtype": str(amp_dtype), "device": device.type}
-    cache = _load_cache(out_dir, key)
-    model = None
-    if cache is None:
-        log(f"computing reference log-probs of {len(pairs) + len(val)} pairs with {ref_dir} ...")
-        model, _, _ = load_model(ref_dir, device=device)
-        bs = max(1, c.batch_size)
-        cache = {"key": key, "train": compute_logps(model, pairs, bs, tok.eos_id, device, amp_dtype),
-                 "val": compute_logps(model, val, bs, tok.eos_id, device, amp_dtype)}
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(_cache_paths(out_dir)[1], lambda p: torch.save(cache, p))
-    else:
-        log("reusing cached reference log-probs")
+    cache, model = _reference_logps(out_dir, key, ref_dir, pairs, val, max(1, c.batch_size), tok.eos_id, device,
+                                    amp_dtype, log)
     _park_cache(out_dir, inside=False)  # the loop replaces the folder at each checkpoint
     if resume or model is None:
         model, _, _ = load_model(out_dir if resume else ref_dir, device=device)
@@ -280,7 +285,7 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
     res["final_eval"] = final
     recs = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     res["last_train_metrics"] = next((r for r in reversed(recs) if r.get("kind") == "train"), {})
-    _write_atomic(out_dir / META, lambda p: p.write_text(json.dumps(res, indent=2, ensure_ascii=False, default=str) + "\n"))
+    atomic_write_json(out_dir / META, res, indent=2, default=str)
     plot_rewards(out_dir)
     if final:
         log(f"validation reward accuracy {final['val']['reward_acc']:.1%}, margin {final['val']['reward_margin']:.3f}")
@@ -336,7 +341,7 @@ def plot_rewards(out_dir: Path) -> None:
     b.legend()
     b.grid(alpha=0.3)
     fig.tight_layout()
-    _write_atomic(Path(out_dir) / "rewards.png", lambda p: fig.savefig(p, dpi=110, format="png"))
+    atomic_write(Path(out_dir) / "rewards.png", lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
 
 

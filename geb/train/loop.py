@@ -27,58 +27,97 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
+from geb.common import atomic_write
 from geb.checkpoint import META, TRAIN_STATE, load_train_state
 from geb.errors import GebError
 from geb.train import dist, perf
 from geb.train.stability import Stability, resolve
 
 
+def _opt(default, help: str | None = None, *, group: str | None = None, choices: tuple | None = None,
+         flag_default: bool = True):
+    """A TrainConfig field with what its command-line flag needs (geb.commands.common.add_config_args):
+    `help` (None: no flag), the `group` it is listed under, `choices`, and whether the help states the default."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices,
+                                            "flag_default": flag_default})
+
+
+_MODES = ("auto", "bf16", "fp32")
+
+
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 4e-4
-    min_lr: float = 4e-5
-    warmup_steps: int = 100
-    # Cosine decay reaches min_lr at this step (default: `steps`). A shorter horizon decays faster,
-    # the paper's fourth anti-spike measure for small batches.
-    decay_steps: int | None = None
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    dtype: str = "auto"  # auto | bf16 | fp32 (autocast dtype; weights and optimizer stay FP32)
-    device: str = "auto"
-    seed: int = 1234
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 500
-    log_every: int = 10
-    # Embedding-gradient shrink (measure 3): None = 0.1 when the spike measures are on, else 1.0 (off).
-    emb_grad_alpha: float | None = None
-    # -- scale: only used under torchrun (parallel) or on GPUs; none of them changes the result
-    parallel: str = "auto"  # auto (= ddp) | ddp | fsdp
-    compile: bool = False  # torch.compile each block
-    activation_checkpointing: bool = False
-    attn: str = "sdpa"  # sdpa | sdpa-flash (SDPA pinned to FlashAttention) | flash-attn (the package)
-    peak_tflops: float | None = None  # per-device peak for MFU (default: known GPUs' BF16 peak)
+    """Every training setting, one line each: the default, and the help text `geb pretrain`, `geb sft` and
+    `geb dpo` show for the flag generated from it (geb.commands.common.add_config_args)."""
+
+    steps: int = _opt(1000, "optimizer steps (with --resume: extend the run)", group="schedule")
+    batch_size: int = _opt(16, "sequences per micro-batch", group="schedule")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step, over all processes", group="schedule")
+    lr: float = _opt(4e-4, "peak learning rate", group="schedule")
+    min_lr: float = _opt(4e-5, "final learning rate", group="schedule")
+    warmup_steps: int = _opt(100, "", group="schedule")
+    # A shorter horizon decays faster, the paper's fourth anti-spike measure for small batches.
+    decay_steps: int | None = _opt(None, "step at which the cosine reaches --min-lr (default: --steps)",
+                                   group="schedule", flag_default=False)
+    weight_decay: float = _opt(0.1, "", group="schedule")
+    beta1: float = _opt(0.9)
+    beta2: float = _opt(0.95)
+    grad_clip: float = _opt(1.0, "", group="schedule")
+    # the autocast dtype; weights and optimizer stay FP32
+    dtype: str = _opt("auto", "autocast dtype (default auto: BF16 on GPUs that support it and on CPUs with "
+                      "native BF16 (AVX512-BF16, AMX), else FP32)", group="schedule", choices=_MODES,
+                      flag_default=False)
+    device: str = _opt("auto", "auto (default), cpu, cuda", group="schedule", flag_default=False)
+    seed: int = _opt(1234, "", group="schedule")
+    eval_every: int = _opt(100, "", group="schedule")
+    eval_batches: int = _opt(8, "validation batches per pass")
+    save_every: int = _opt(500, "", group="schedule")
+    log_every: int = _opt(10, "", group="schedule")
     # -- the loss-spike measures (geb.train.stability); "auto" = on for pretraining models >= 300M
-    stability: str = "auto"  # auto | on | off
-    spike_window: int = 100  # accepted losses the running statistics look at
-    spike_min_history: int = 20  # no detection (except non-finite) before this many accepted steps
-    spike_sigma: float = 6.0  # a spike is above median + max(sigma * noise, rel * median)
-    spike_rel: float = 0.1
-    spike_retries: int = 2  # measure 1: replacement batches before escalating (0 = no replacement)
-    rollback: bool = True  # measure 2: roll back to the last good snapshot and skip a data window
-    snapshot_every: int = 50  # steps between in-memory good snapshots (also taken at every save)
-    snapshot_memory: str = "auto"  # auto (= host) | host: two snapshots in CPU memory | device: one beside the weights
-    skip_before: int = 100  # data iterations skipped before the spike ...
-    skip_after: int = 100  # ... and after it
-    max_rollbacks: int = 20
-    lr_cut_after: int = 3  # measure 4: multiply the LR by lr_cut_factor after this many spikes (0 = never)
-    lr_cut_factor: float = 0.7
-    lr_preset: str = "none"  # none | small-batch (peak x0.5, cosine ends at 60% of the steps)
+    stability: str = _opt("auto", "spike detection, batch replacement, rollback with skipped data, automatic LR "
+                          "cut, embedding-gradient shrink 0.1 (default auto: on for pretraining models of 300M "
+                          "parameters and more)", group="stability", choices=("auto", "on", "off"),
+                          flag_default=False)
+    # measure 3; None = 0.1 when the spike measures are on, else 1.0 (off)
+    emb_grad_alpha: float | None = _opt(None, "embedding gradient shrink factor (1 = off; default 0.1 with "
+                                        "--stability on, else 1)", group="stability", flag_default=False)
+    # a spike is above median + max(sigma * noise, rel * median)
+    spike_sigma: float = _opt(6.0, "spike threshold in robust noise units", group="stability")
+    spike_rel: float = _opt(0.1, "and at least this fraction above the median", group="stability")
+    spike_window: int = _opt(100, "recent losses in the statistics", group="stability")
+    # no detection (except non-finite) before this many accepted steps
+    spike_min_history: int = _opt(20, "", group="stability")
+    # measure 1 (0 = no replacement)
+    spike_retries: int = _opt(2, "replacement batches before a rollback", group="stability")
+    # measure 2: roll back to the last good snapshot and skip a data window
+    rollback: bool = _opt(True, "never roll back (spikes that survive the replacements are applied)",
+                          group="stability")
+    snapshot_every: int = _opt(50, "steps between in-memory good states", group="stability")
+    snapshot_memory: str = _opt("auto", "where rollback snapshots live: host (default): at most two in CPU "
+                                "memory (pinned on CUDA), 12 bytes per parameter each; device: one, beside the "
+                                "weights (docs/training.md)", group="stability",
+                                choices=("auto", "host", "device"), flag_default=False)
+    skip_before: int = _opt(100, "data iterations skipped before a spike", group="stability")
+    skip_after: int = _opt(100, "data iterations skipped after a spike", group="stability")
+    max_rollbacks: int = _opt(20)
+    # measure 4
+    lr_cut_after: int = _opt(3, "cut the LR after this many spikes, 0 = never", group="stability")
+    lr_cut_factor: float = _opt(0.7, "", group="stability")
+    lr_preset: str = _opt("none", "small-batch: peak and min LR x0.5 and the cosine ends at 60%% of the steps "
+                          "(the paper's LR adjustment for small batches)", group="schedule",
+                          choices=("none", "small-batch"), flag_default=False)
+    # -- scale: only used under torchrun (parallel) or on GPUs; none of them changes the result
+    parallel: str = _opt("auto", "data parallelism under torchrun: ddp (default) or fsdp (FSDP2, BF16 compute "
+                         "with FP32 master weights and reductions)", group="scale",
+                         choices=("auto", "ddp", "fsdp"), flag_default=False)
+    compile: bool = _opt(False, "torch.compile each block", group="scale")
+    activation_checkpointing: bool = _opt(False, "recompute activations in backward (less memory)", group="scale")
+    attn: str = _opt("sdpa", "attention kernel (default sdpa: PyTorch picks FlashAttention-2 on CUDA; sdpa-flash "
+                     "insists on it; flash-attn: the package)", group="scale",
+                     choices=("sdpa", "sdpa-flash", "flash-attn"), flag_default=False)
+    peak_tflops: float | None = _opt(None, "per-device dense BF16 peak for the MFU log (default: the GPUs in "
+                                     "geb's table; others log no MFU until given this)", group="scale",
+                                     flag_default=False)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -193,10 +232,8 @@ def plot_losses(records: list[dict], path: Path, title: str = "loss") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 class Progress:
@@ -250,151 +287,193 @@ def train(model, task: Task, c: TrainConfig, out_dir: str | Path, tokenizer, met
     `stop_after` ends the run early at that step without a final save (tests use it to fake a crash).
     Under torchrun every rank calls this with the same arguments; rank 0 writes the files.
     """
-    out_dir = Path(out_dir)
-    env = dist.setup(c.device)
-    device = env.device
-    amp_dtype, dtype_reason = choose_dtype(c.dtype, device)
-    torch.manual_seed(c.seed)
-    desc = task.describe()
-    res = resolve(c, model.num_params(), desc.get("kind"))
-    sched = replace(c, lr=res.lr, min_lr=res.min_lr, decay_steps=res.decay_steps)
-    model.to(device)
-    model.emb_grad_alpha = res.emb_grad_alpha
-    model.train()
-    perf.prepare(model, c, device, amp_dtype)
-    module = dist.wrap(model, env, c.parallel)
-    opt = make_optimizer(model, c)  # after wrap: FSDP2 replaces the parameters with sharded ones
-    params = [p for p in model.parameters() if p.requires_grad]
-    micros = dist.rank_micros(c.grad_accum, env)
-    stab = Stability(c, res.stability)
-    step, cursor, tokens_seen, records = 0, 0, 0, []
-    if resume:
+    run = _Run(model, task, c, Path(out_dir), tokenizer, meta)
+    run.restore(resume)
+    run.open_logs(quiet)
+    while run.step < c.steps:
+        if stop_after is not None and run.step >= stop_after:
+            return {"step": run.step, "stopped": True}
+        run.cursor = run.stab.skips.next_cursor(run.cursor)
+        lr = lr_at(run.step, run.sched) * run.stab.lr_scale
+        for g in run.opt.param_groups:
+            g["lr"] = lr
+        loss_sum, agg = run.forward_backward()
+        gnorm = dist.clip_grad_norm(run.params, c.grad_clip)
+        if run.stab.judge(loss_sum, gnorm):
+            if run.on_spike(loss_sum, gnorm, lr):
+                continue  # the step was discarded (batch replaced or rolled back)
+        else:
+            run.stab.on_accept(loss_sum)
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
+        run.advance()
+        run.after_step(loss_sum, gnorm, lr, agg)
+    run.save(final=True)
+    dist.barrier(run.env)
+    return json.loads((run.out_dir / META).read_text())
+
+
+class _Run:
+    """The state of one training run and its phases: set up, restore, step, log, save."""
+
+    def __init__(self, model, task: Task, c: TrainConfig, out_dir: Path, tokenizer, meta: dict[str, Any]):
+        self.model, self.task, self.c, self.out_dir, self.tokenizer, self.meta = model, task, c, out_dir, tokenizer, meta
+        self.env = env = dist.setup(c.device)
+        self.device = device = env.device
+        self.amp_dtype, self.dtype_reason = choose_dtype(c.dtype, device)
+        torch.manual_seed(c.seed)
+        self.desc = task.describe()
+        self.res = res = resolve(c, model.num_params(), self.desc.get("kind"))
+        self.sched = replace(c, lr=res.lr, min_lr=res.min_lr, decay_steps=res.decay_steps)
+        model.to(device)
+        model.emb_grad_alpha = res.emb_grad_alpha
+        model.train()
+        perf.prepare(model, c, device, self.amp_dtype)
+        self.module = dist.wrap(model, env, c.parallel)
+        self.opt = make_optimizer(model, c)  # after wrap: FSDP2 replaces the parameters with sharded ones
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.micros = dist.rank_micros(c.grad_accum, env)
+        self.stab = Stability(c, res.stability)
+        self.step, self.cursor, self.tokens_seen, self.records = 0, 0, 0, []
+        self.step_tokens = task.tokens_per_batch * c.grad_accum
+
+    def restore(self, resume: bool) -> None:
+        """Load the loop, optimizer, spike-measure and RNG state of `out_dir` (or refuse to overwrite it)."""
+        out_dir = self.out_dir
+        if not resume:
+            if (out_dir / META).exists():
+                raise GebError(f"{out_dir}: already holds a checkpoint; use --resume to continue it or choose "
+                               "another --out")
+            return
         dist.recover_folder(out_dir)
         st = load_train_state(out_dir)
         if dist.has_sharded_state(out_dir):
-            dist.load_training_state(out_dir, module, opt)
-        elif "optimizer" in st and not env.active:  # folders written before the optimizer moved to DCP
-            opt.load_state_dict(st["optimizer"])
+            dist.load_training_state(out_dir, self.module, self.opt)
+        elif "optimizer" in st and not self.env.active:  # folders written before the optimizer moved to DCP
+            self.opt.load_state_dict(st["optimizer"])
         else:
             raise GebError(f"{out_dir}: no optimizer state to resume from")
-        step, cursor, tokens_seen = st["step"], st["cursor"], st["tokens_seen"]
-        records = list(st.get("records", []))
+        self.step, self.cursor, self.tokens_seen = st["step"], st["cursor"], st["tokens_seen"]
+        self.records = list(st.get("records", []))
         if "stability" in st:
-            stab.load_state_dict(st["stability"])
-        _set_rng_state(st["rng"], device)
-    elif (out_dir / META).exists():
-        raise GebError(f"{out_dir}: already holds a checkpoint; use --resume to continue it or choose another --out")
-    settings = {"train": asdict(c), "resolved": res.to_dict(), "task": desc, "model": model.cfg.to_dict(),
-                "world_size": env.world, "parallel": ("fsdp" if dist.is_fsdp(module) else "ddp") if env.active else "none",
-                "device": str(device), "dtype_resolved": dtype_name(amp_dtype), "dtype_reason": dtype_reason}
-    live = out_dir / "metrics.jsonl"
-    if env.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # The live log restarts from what the checkpoint recorded: lines a killed run appended after its
-        # last save would otherwise appear twice.
-        live.write_text("".join(json.dumps(r) + "\n" for r in records))
+            self.stab.load_state_dict(st["stability"])
+        _set_rng_state(st["rng"], self.device)
 
-    def log(rec: dict) -> None:
-        records.append(rec)
+    def open_logs(self, quiet: bool) -> None:
+        """The settings meta.json records, the live metrics log, progress lines and the first snapshot."""
+        env, device, c = self.env, self.device, self.c
+        self.settings = {"train": asdict(c), "resolved": self.res.to_dict(), "task": self.desc,
+                         "model": self.model.cfg.to_dict(), "world_size": env.world,
+                         "parallel": ("fsdp" if dist.is_fsdp(self.module) else "ddp") if env.active else "none",
+                         "device": str(device), "dtype_resolved": dtype_name(self.amp_dtype),
+                         "dtype_reason": self.dtype_reason}
+        self.live = self.out_dir / "metrics.jsonl"
         if env.main:
-            with open(live, "a") as f:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            # The live log restarts from what the checkpoint recorded: lines a killed run appended after its
+            # last save would otherwise appear twice.
+            self.live.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.prog = Progress(c.steps, stream=open(os.devnull, "w") if quiet or not env.main else sys.stderr)
+        self.meter = perf.Meter(self.model.cfg, self.desc.get("seq_len"), device, env.world, c.peak_tflops)
+        print(f"training on {device} in {dtype_name(self.amp_dtype)} ({self.dtype_reason})", file=self.prog.stream,
+              flush=True)
+        if self.meter.note:
+            print(self.meter.note, file=self.prog.stream, flush=True)
+        self.stab.snapshot(self.params, self.opt, self.loop_state(), reset=True)
+
+    def log(self, rec: dict) -> None:
+        self.records.append(rec)
+        if self.env.main:
+            with open(self.live, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    def save(final: bool) -> None:
+    def loop_state(self) -> dict:
+        return {"step": self.step, "cursor": self.cursor, "tokens_seen": self.tokens_seen}
+
+    def save(self, final: bool) -> None:
+        records = self.records
         trains = [r for r in records if r["kind"] == "train"]
         vals = [r for r in records if r["kind"] == "val"]
-        m = {**meta, "settings": settings, "step": step, "tokens_seen": tokens_seen, "final": final,
-             "last_train_loss": trains[-1]["loss"] if trains else None,
-             "last_val_loss": vals[-1]["val_loss"] if vals else None, "stability": stab.summary()}
-        state = {"step": step, "cursor": cursor, "tokens_seen": tokens_seen, "rng": _rng_state(device),
-                 "records": records, "train_config": asdict(c), "stability": stab.state_dict(),
-                 "world_size": env.world}
-        dist.save_training_checkpoint(out_dir, module, opt, env, tokenizer, m, state,
+        m = {**self.meta, "settings": self.settings, "step": self.step, "tokens_seen": self.tokens_seen,
+             "final": final, "last_train_loss": trains[-1]["loss"] if trains else None,
+             "last_val_loss": vals[-1]["val_loss"] if vals else None, "stability": self.stab.summary()}
+        state = {**self.loop_state(), "rng": _rng_state(self.device), "records": records,
+                 "train_config": asdict(self.c), "stability": self.stab.state_dict(), "world_size": self.env.world}
+        dist.save_training_checkpoint(self.out_dir, self.module, self.opt, self.env, self.tokenizer, m, state,
                                       extra_files={"metrics.jsonl": "".join(json.dumps(r) + "\n" for r in records)})
-        if env.main and records:
-            plot_losses(records, out_dir / "loss.png", title=f"{meta.get('stage', 'train')}: {model.cfg.name}")
+        if self.env.main and records:
+            plot_losses(records, self.out_dir / "loss.png",
+                        title=f"{self.meta.get('stage', 'train')}: {self.model.cfg.name}")
 
-    def loop_state() -> dict:
-        return {"step": step, "cursor": cursor, "tokens_seen": tokens_seen}
-
-    prog = Progress(c.steps, stream=open(os.devnull, "w") if quiet or not env.main else sys.stderr)
-    meter = perf.Meter(model.cfg, desc.get("seq_len"), device, env.world, c.peak_tflops)
-    print(f"training on {device} in {dtype_name(amp_dtype)} ({dtype_reason})", file=prog.stream, flush=True)
-    if meter.note:
-        print(meter.note, file=prog.stream, flush=True)
-    step_tokens = task.tokens_per_batch * c.grad_accum
-    stab.snapshot(params, opt, loop_state(), reset=True)
-    while step < c.steps:
-        if stop_after is not None and step >= stop_after:
-            return {"step": step, "stopped": True}
-        cursor = stab.skips.next_cursor(cursor)
-        lr = lr_at(step, sched) * stab.lr_scale
-        for g in opt.param_groups:
-            g["lr"] = lr
+    def forward_backward(self) -> tuple[float, dict[str, float]]:
+        """Accumulate the gradients of this step's micro-batches; the loss and metrics averaged over ranks."""
+        device, amp_dtype, micros = self.device, self.amp_dtype, self.micros
         agg: dict[str, float] = {}
         loss_acc = torch.zeros((), device=device)
         for j, micro in enumerate(micros):
-            b = task.batch(cursor, micro)
+            b = self.task.batch(self.cursor, micro)
             b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-            with dist.grad_sync(module, j == len(micros) - 1), perf.attention_context(c.attn):
+            with dist.grad_sync(self.module, j == len(micros) - 1), perf.attention_context(self.c.attn):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                    loss, mets = task.loss(module, b)
+                    loss, mets = self.task.loss(self.module, b)
                 (loss / len(micros)).backward()
             loss_acc += loss.detach().float() / len(micros)
             for k, v in mets.items():
                 agg[k] = agg.get(k, 0.0) + float(v) / len(micros)
         keys = sorted(agg)
-        vec = dist.all_reduce_mean(torch.stack([loss_acc] + [torch.tensor(float(agg[k]), device=device) for k in keys]), env)
-        loss_sum = float(vec[0])
-        agg = {k: float(vec[i + 1]) for i, k in enumerate(keys)}
-        gnorm = dist.clip_grad_norm(params, c.grad_clip)
-        if stab.judge(loss_sum, gnorm):
-            opt.zero_grad(set_to_none=True)
-            acts = stab.on_spike(cursor, loss_sum)
-            event = {"kind": "spike", "step": step + 1, "cursor": cursor, "loss": _num(loss_sum),
-                     "grad_norm": _num(gnorm), "lr": lr}
-            action = acts[0]["action"]
-            if action == "rollback":
-                loop, window = stab.rollback(params, opt, step + 1)
-                acts[0] = {"action": "rollback", "to_step": loop["step"], "skip": window}
-            for a in acts:
-                log({**event, **a})
-                prog.line(step + 1, f"spike: loss {loss_sum:.4f} -> {a['action']}", 0)
-            if action == "replace_batch":
-                cursor += 1
-                continue
-            if action == "rollback":
-                step, cursor, tokens_seen = loop["step"], loop["cursor"], loop["tokens_seen"]
-                continue
-            stab.on_accept(loss_sum)  # "accept": replacement exhausted and rollback off
-        else:
-            stab.on_accept(loss_sum)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        cursor += 1
-        tokens_seen += step_tokens
-        meter.add(step_tokens)
-        if stab.due(step):
-            stab.snapshot(params, opt, loop_state())
+        vec = dist.all_reduce_mean(torch.stack([loss_acc] + [torch.tensor(float(agg[k]), device=device)
+                                                             for k in keys]), self.env)
+        return float(vec[0]), {k: float(vec[i + 1]) for i, k in enumerate(keys)}
+
+    def on_spike(self, loss_sum: float, gnorm: float, lr: float) -> bool:
+        """Apply the spike measures; True when the step is discarded (batch replaced or rolled back)."""
+        stab = self.stab
+        self.opt.zero_grad(set_to_none=True)
+        acts = stab.on_spike(self.cursor, loss_sum)
+        event = {"kind": "spike", "step": self.step + 1, "cursor": self.cursor, "loss": _num(loss_sum),
+                 "grad_norm": _num(gnorm), "lr": lr}
+        action = acts[0]["action"]
+        if action == "rollback":
+            loop, window = stab.rollback(self.params, self.opt, self.step + 1)
+            acts[0] = {"action": "rollback", "to_step": loop["step"], "skip": window}
+        for a in acts:
+            self.log({**event, **a})
+            self.prog.line(self.step + 1, f"spike: loss {loss_sum:.4f} -> {a['action']}", 0)
+        if action == "replace_batch":
+            self.cursor += 1
+            return True
+        if action == "rollback":
+            self.step, self.cursor, self.tokens_seen = loop["step"], loop["cursor"], loop["tokens_seen"]
+            return True
+        stab.on_accept(loss_sum)  # "accept": replacement exhausted and rollback off
+        return False
+
+    def advance(self) -> None:
+        self.step += 1
+        self.cursor += 1
+        self.tokens_seen += self.step_tokens
+        self.meter.add(self.step_tokens)
+        if self.stab.due(self.step):
+            self.stab.snapshot(self.params, self.opt, self.loop_state())
+
+    def after_step(self, loss_sum: float, gnorm: float, lr: float, agg: dict[str, float]) -> None:
+        """Log, validate and save on their schedules."""
+        c, step = self.c, self.step
         if step % c.log_every == 0 or step == 1 or step == c.steps:
-            speed = meter.read()
-            log({"kind": "train", "step": step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
-                 "tokens": tokens_seen, **agg, **speed})
+            speed = self.meter.read()
+            self.log({"kind": "train", "step": step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
+                      "tokens": self.tokens_seen, **agg, **speed})
             extra = " ".join(f"{k} {v:.3f}" for k, v in agg.items())
             mfu = f" mfu {speed['mfu']:.1%}" if speed["mfu"] is not None else ""
-            prog.line(step, f"loss {loss_sum:.4f} lr {lr:.2e} {extra} {speed['tok_s']:,.0f} tok/s{mfu}",
-                      speed["tok_s"] / max(step_tokens, 1))
+            self.prog.line(step, f"loss {loss_sum:.4f} lr {lr:.2e} {extra} {speed['tok_s']:,.0f} tok/s{mfu}",
+                           speed["tok_s"] / max(self.step_tokens, 1))
         if c.eval_every and (step % c.eval_every == 0 or step == c.steps):
-            vl = evaluate(module, task, device, amp_dtype, c.attn)
-            log({"kind": "val", "step": step, "val_loss": vl, "tokens": tokens_seen})
-            prog.line(step, f"val_loss {vl:.4f}", 0)
+            vl = evaluate(self.module, self.task, self.device, self.amp_dtype, c.attn)
+            self.log({"kind": "val", "step": step, "val_loss": vl, "tokens": self.tokens_seen})
+            self.prog.line(step, f"val_loss {vl:.4f}", 0)
         if step < c.steps and c.save_every and step % c.save_every == 0:
-            save(final=False)
-            stab.snapshot(params, opt, loop_state(), reset=True)
-    save(final=True)
-    dist.barrier(env)
-    return json.loads((out_dir / META).read_text())
+            self.save(final=False)
+            self.stab.snapshot(self.params, self.opt, self.loop_state(), reset=True)
 
 
 def resume_config(out_dir: str | Path, overrides: dict | None = None) -> TrainConfig:

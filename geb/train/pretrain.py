@@ -7,7 +7,6 @@ of (seed, index): resuming and skipping data need only the cursor.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +117,3 @@ def run_pretrain(data_dir: str | Path, out_dir: str | Path, tokenizer_dir: str |
     meta = {"stage": "pretrain", "parent": parent, "data": str(data_dir), "data_hash": data.data_hash,
             "tokenizer_hash": tok.hash()}
     return train(model, task, c, out_dir, tok, meta, resume=resume, quiet=quiet, stop_after=stop_after)
-
-
-def train_config_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(TrainConfig) if f.name != "extra"]

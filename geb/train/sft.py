@@ -29,6 +29,9 @@ from geb.train.loop import TrainConfig, resume_config, train
 
 IGNORE = -100
 
+# What fine-tuning changes in TrainConfig's pretraining defaults (run_sft and `geb sft` read it here)
+SFT_DEFAULTS = {"lr": 1e-4, "min_lr": 1e-5, "weight_decay": 0.0}
+
 
 def pack_rows(lengths: list[int], capacity: int, pack: bool = True) -> list[list[int]]:
     """Group example indices into rows of at most `capacity` tokens (best-fit decreasing)."""
@@ -157,7 +160,7 @@ def run_sft(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
             raise GebError("give the model folder to fine-tune")
         check_folder(model_dir)
         model, tok, pmeta = load_model(model_dir)
-        c = train_config or TrainConfig(lr=1e-4, min_lr=1e-5, weight_decay=0.0, warmup_steps=10)
+        c = train_config or TrainConfig(**SFT_DEFAULTS, warmup_steps=10)
         parent, parent_stage = str(model_dir), pmeta.get("stage")
     seq_len = seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:

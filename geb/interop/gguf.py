@@ -7,9 +7,9 @@ Choices (see docs/interop.md):
   of wq/wk per head, as llama.cpp's own converter does; an "interleaved" geb model is already in it.
 - The tokenizer is written as `gpt2` (byte-level BPE) with `tokenizer.ggml.pre = "qwen2"`, llama.cpp's
   implementation of the split pattern geb's tokenizer uses, so both produce the same ids.
-- Q8_0/Q4_0 blocks are computed with torch in cache-sized chunks (about 150-250 M values/s per core)
-  and are bit-identical to ggml's reference quantizers and to `gguf.quants`, whose numpy path (8-20 M
-  values/s) would take minutes on the 1.3B shape. 1-D tensors (norms) stay F32. With q4_0 the output layer is written as Q8_0 (llama.cpp
+- Q8_0/Q4_0 blocks are computed with torch in cache-sized chunks and are bit-identical to ggml's
+  reference quantizers and to `gguf.quants`, whose numpy path is an order of magnitude slower
+  (`python bench/gguf_export.py` measures the export rate). 1-D tensors (norms) stay F32. With q4_0 the output layer is written as Q8_0 (llama.cpp
   uses Q6_K there, which the gguf package cannot write); override with `output_type`.
 - The file is streamed tensor by tensor into a temporary name and renamed when complete.
 """
@@ -26,7 +26,7 @@ import torch
 
 from geb.checkpoint import check_destination, with_path
 from geb.errors import GebError
-from geb.export.common import GebFolder, half_to_interleaved
+from geb.interop.common import GebFolder, half_to_interleaved
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 QK = 32  # values per Q8_0 / Q4_0 block
@@ -156,7 +156,7 @@ def _bpe_vocab(writer, tj: dict, vocab_size: int, source: str, gguf) -> tuple[di
 def _spm_vocab(writer, spm_path: Path, tj: dict, vocab_size: int, gguf) -> tuple[dict[str, int], dict]:
     """A SentencePiece BPE model (the GEB-1.3B vocabulary) → llama.cpp's own `llama` tokenizer, which
     reproduces SentencePiece from the pieces' scores; special tokens appended after it become CONTROL."""
-    from geb.export.spm import load_proto
+    from geb.interop.spm import load_proto
 
     m = load_proto(spm_path)
     if m.trainer_spec.model_type != 2:
@@ -328,8 +328,8 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f32", 
         writer.write_ti_data_to_file()
         counts: dict[str, int] = {}
         # One torch thread: the quantizers are chains of small elementwise ops on cache-sized chunks,
-        # where OpenMP workers spin at every op boundary; on a shared 2-core machine that ran 20x slower
-        # than a single thread (7 vs 150 M values/s of CPU time, measured).
+        # where OpenMP workers spin at every op boundary and several threads run slower than one on a
+        # shared machine (`python bench/gguf_export.py` reports wall and CPU seconds).
         torch.set_num_threads(1)
         for gname, gebname, k, transform in plan:
             w = src.tensor(gebname)
@@ -504,7 +504,7 @@ def read_gguf(path: str | Path):
     )
     if n_tokens > vocab:
         raise GebError(f"{path}: {n_tokens} tokens in 'tokenizer.ggml.tokens' but token_embd.weight has {vocab} rows")
-    from geb.export.common import interleaved_to_half
+    from geb.interop.common import interleaved_to_half
 
     sd: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
@@ -532,7 +532,7 @@ def read_gguf(path: str | Path):
 
 def import_gguf(path: str | Path, out: str | Path) -> Path:
     """Import a llama-architecture GGUF file into a geb folder (weights dequantized to FP32)."""
-    from geb.export.common import write_geb_folder
+    from geb.interop.common import write_geb_folder
 
     cfg, sd, tokenizer, info = read_gguf(path)
     meta = {"stage": "import", "parent": str(Path(path).resolve()), "format": "gguf", **info}

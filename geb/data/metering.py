@@ -9,12 +9,11 @@ counting around them. The report (report.py) merges these files over ranks.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
 
+from geb.common import atomic_write_json
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
@@ -30,13 +29,6 @@ def source_of(doc: Document) -> str:
     src = doc.metadata.get("source", "?")
     line = doc.metadata.get("line")
     return f"{src}:{line}" if line is not None else str(src)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1))
-    os.replace(tmp, path)
 
 
 class Acc:
@@ -109,7 +101,7 @@ class MeteredStep(PipelineStep):
         self.save(rank)
 
     def save(self, rank: int) -> None:
-        write_json_atomic(Path(self.stats_dir) / self.name / f"{rank:05d}.json",
+        atomic_write_json(Path(self.stats_dir) / self.name / f"{rank:05d}.json",
                           {"step": self.name, "stage": self.stage, **self.acc.to_dict()})
 
 
@@ -129,7 +121,7 @@ class Meter(PipelineStep):
             docs += 1
             chars += len(doc.text)
             yield doc
-        write_json_atomic(Path(self.stats_dir) / self.rule / f"{rank:05d}.{self.side}.json",
+        atomic_write_json(Path(self.stats_dir) / self.rule / f"{rank:05d}.{self.side}.json",
                           {"step": self.rule, "stage": self.stage, "docs": docs, "chars": chars})
 
 
@@ -180,5 +172,5 @@ class Timed(PipelineStep):
                     break
                 total += clock() - t0
                 yield doc
-        write_json_atomic(Path(self.stats_dir) / "timing" / self.label / f"{rank:05d}.json",
+        atomic_write_json(Path(self.stats_dir) / "timing" / self.label / f"{rank:05d}.json",
                           {"step": self.label, "seconds": round(total - waited, 4)})

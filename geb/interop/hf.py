@@ -18,7 +18,7 @@ import torch
 
 from geb.config import ModelConfig
 from geb.errors import GebError
-from geb.export.common import GebFolder, interleaved_to_half, read_json
+from geb.interop.common import GebFolder, interleaved_to_half, read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -189,7 +189,7 @@ def import_hf(path: str | Path, out: str | Path, chat_format=None) -> Path:
     from tokenizers import Tokenizer as HFTokenizer
 
     from geb.chat_format import resolve
-    from geb.export.common import write_geb_folder
+    from geb.interop.common import write_geb_folder
     from geb.tokenizer import Tokenizer
 
     folder = Path(path)

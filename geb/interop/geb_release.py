@@ -31,7 +31,7 @@ import torch
 
 from geb.config import ModelConfig
 from geb.errors import GebError
-from geb.export.common import interleaved_to_half, read_json
+from geb.interop.common import interleaved_to_half, read_json
 
 KV_ORDERS = ("interleaved", "split")
 MLP_ORDERS = ("gate-up", "up-gate")
@@ -229,7 +229,7 @@ def map_release(raw: dict[str, torch.Tensor], base: ModelConfig, conv: Conventio
 # -- tokenizer ----------------------------------------------------------------------------------------------
 def release_tokenizer(folder: Path, vocab_size: int, special_tokens: list[str] | None, chat_format):
     from geb.chat_format import resolve
-    from geb.export.spm import spm_to_tokenizer
+    from geb.interop.spm import spm_to_tokenizer
     from geb.tokenizer import Tokenizer
 
     f = folder / "tokenizer.model"
@@ -254,7 +254,7 @@ def _open(path: str | Path):
 def import_geb_release(path: str | Path, out: str | Path, conv: Conventions = Conventions(), *, chat_format=None,
                        special_tokens: list[str] | None = None, dtype: str = "bfloat16") -> Path:
     """Convert the released GEB-1.3B (or a checkpoint in its layout) into a geb folder."""
-    from geb.export.common import write_geb_folder
+    from geb.interop.common import write_geb_folder
 
     if dtype not in ("bfloat16", "float32"):
         raise GebError(f"dtype must be bfloat16 or float32, got {dtype!r}")
