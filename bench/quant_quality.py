@@ -36,7 +36,13 @@ CORPUS = Path("/work/shared/data/corpus")
 TEXTS = {"en": ("en/shakespeare", 20_000), "zh": ("zh/peoples_daily_199801_tagged.txt", 20_000)}
 
 
-def read_text(lang: str, chars: int = 200_000) -> str:
+def read_text(lang: str, chars: int = 200_000, override: dict | None = None) -> str:
+    if override and lang in override:  # a JSONL file's "text" fields from its end (a held-out tail), or plain text
+        f = Path(override[lang])
+        if f.suffix == ".jsonl":
+            lines = f.read_text(encoding="utf-8").splitlines()[-300:]
+            return "\n".join(json.loads(x)["text"] for x in lines if x.strip())[-chars:]
+        return f.read_text(encoding="utf-8")[:chars]
     rel, skip = TEXTS[lang]
     p = CORPUS / rel
     f = sorted(x for x in p.iterdir() if x.suffix == ".txt")[0] if p.is_dir() else p
@@ -99,6 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--text", action="append", default=[], metavar="LANG=FILE",
+                    help="use FILE for en or zh instead of the shared corpus (.jsonl: last 300 'text' fields)")
     a = ap.parse_args(argv)
 
     import llama_cpp
@@ -108,7 +116,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     base, tok, meta = load_runtime(a.model, "fp32")
-    wins = {lang: windows(tok.encode(read_text(lang)), a.tokens, a.window) for lang in TEXTS}
+    override = dict(t.split("=", 1) for t in a.text)
+    wins = {lang: windows(tok.encode(read_text(lang, override=override)), a.tokens, a.window) for lang in TEXTS}
     del base
     rows: list[dict] = []
 
@@ -147,7 +156,7 @@ def main(argv=None) -> int:
             r[f"{lang}_vs_geb_fp32_pct"] = round(100 * (r[lang] / base[lang] - 1), 3)
     result = {"model": str(a.model), "model_stage": meta.get("stage"), "tokens_per_language": a.tokens,
               "window": a.window, "windows": {k: len(v) for k, v in wins.items()},
-              "texts": {k: f"{TEXTS[k][0]} from char {TEXTS[k][1]}" for k in TEXTS},
+              "texts": {k: override.get(k) or f"{TEXTS[k][0]} from char {TEXTS[k][1]}" for k in TEXTS},
               "llama_cpp_python": llama_cpp.__version__, "rows": rows}
     print("\n| engine | format | en ppl | en vs fp32 | zh ppl | zh vs fp32 |\n|---|---|---|---|---|---|")
     for r in rows:
