@@ -12,6 +12,8 @@ def configure(p) -> None:
     p.add_argument("--format", required=True, choices=[f for f in FORMATS if f != "fp32"])
     p.add_argument("--group-size", type=int, default=INT4_GROUP_SIZE,
                    help=f"int4 group size: {', '.join(map(str, INT4_GROUPS))} (default {INT4_GROUP_SIZE})")
+    p.add_argument("--clip", action="store_true",
+                   help="int8/int4: per-group clipping search at quantize time (same stored layout and speed)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--eval-text", help="optional held-out text file: print perplexity vs fp32")
     add_force(p)
@@ -27,7 +29,7 @@ def run(args) -> int:
 
     apply_threads(args)
     claim_output(args.out, "model", args.force)
-    out = quantize_folder(args.model, args.out, args.format, args.group_size)
+    out = quantize_folder(args.model, args.out, args.format, args.group_size, clip=args.clip)
     rt, tok, meta = load_runtime(out)
     print(f"wrote {out} ({args.format}, {rt.weight_bytes / 2**20:.1f} MiB of weights)")
     if args.eval_text:

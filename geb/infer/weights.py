@@ -229,12 +229,14 @@ def _check_full_names(st: SafeTensorsMap, cfg: ModelConfig) -> None:
     check_state_dict(fake, model, str(st.path))
 
 
-def load_runtime(folder: str | Path, fmt: str | None = None, group_size: int = INT4_GROUP_SIZE, backend: str = "auto"):
+def load_runtime(folder: str | Path, fmt: str | None = None, group_size: int = INT4_GROUP_SIZE, backend: str = "auto",
+                 clip: bool = False):
     """(Runtime, Tokenizer, meta) from a full-precision or a quantized model folder.
 
     A full folder is converted to `fmt` (default fp32) as it loads; a quantized folder runs in its
     own format (asking for another one is an error: precision cannot be recovered). `backend`: see
-    geb.infer.runtime.build_runtime.
+    geb.infer.runtime.build_runtime. `clip`: convert with the per-group clipping search
+    (geb.infer.clip; int8/int4 only, the stored layout is the same).
     """
     from geb.tokenizer import Tokenizer
 
@@ -251,7 +253,12 @@ def load_runtime(folder: str | Path, fmt: str | None = None, group_size: int = I
         st = SafeTensorsMap(folder / WEIGHTS)
         _check_full_names(st, cfg)
         # FP32 weights stored FP32 are used in place; fused or converted ones drop the file's pages.
-        rt = build_runtime(cfg, st.get, fmt, group_size, release=st.release, info={"source": str(folder)},
+        get = st.get
+        if clip:
+            from geb.infer.clip import clip_getter
+
+            get = clip_getter(st.get, fmt, group_size, default_side_formats(fmt)[1])
+        rt = build_runtime(cfg, get, fmt, group_size, release=st.release, info={"source": str(folder)},
                            backend=backend)
     tok = Tokenizer.load(folder)
     if tok.vocab_size > cfg.vocab_size:
@@ -280,8 +287,9 @@ def save_quantized(out: str | Path, rt: Runtime, tokenizer, meta: dict) -> Path:
     return out
 
 
-def quantize_folder(src: str | Path, out: str | Path, fmt: str, group_size: int = INT4_GROUP_SIZE) -> Path:
-    """`geb quantize`: convert a full-precision model folder into a quantized one."""
+def quantize_folder(src: str | Path, out: str | Path, fmt: str, group_size: int = INT4_GROUP_SIZE,
+                    clip: bool = False) -> Path:
+    """`geb quantize`: convert a full-precision model folder into a quantized one (`clip`: see load_runtime)."""
     src = check_folder(src)
     if fmt not in ("bf16", "int8", "int4"):
         raise GebError(f"quantize format must be bf16, int8 or int4, got '{fmt}'")
@@ -293,7 +301,8 @@ def quantize_folder(src: str | Path, out: str | Path, fmt: str, group_size: int 
                        "quantize the full-precision model instead")
     if Path(out).resolve() == src.resolve():
         raise GebError(f"--out must differ from --model ({src})")
-    rt, tok, parent_meta = load_runtime(src, fmt, group_size)
+    rt, tok, parent_meta = load_runtime(src, fmt, group_size, clip=clip)
     meta = {"parent": str(src), "parent_stage": parent_meta.get("stage"),
-            "settings": {"format": fmt, "group_size": group_size if fmt == "int4" else None}}
+            "settings": {"format": fmt, "group_size": group_size if fmt == "int4" else None,
+                         "clip_search": bool(clip and fmt in ("int8", "int4"))}}
     return save_quantized(out, rt, tok, meta)
