@@ -196,6 +196,23 @@ def hf_to_geb_config(hc: dict, source: str) -> ModelConfig:
     )
 
 
+def _check_shapes(cfg: ModelConfig, sd: dict[str, torch.Tensor], weights: Path) -> None:
+    """Weights that disagree with config.json are named by their Hugging Face name and file."""
+    from geb.model import GEB
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GEB(cfg).state_dict().items()}
+    for k, v in sd.items():
+        if k in expected and tuple(v.shape) != expected[k]:
+            raise GebError(f"{weights}: tensor '{hf_name(k)}' has shape {tuple(v.shape)}, but config.json "
+                           f"implies {expected[k]}")
+    missing = sorted(set(expected) - set(sd) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+    if missing:
+        raise GebError(f"{weights}: tensor '{hf_name(missing[0])}' is missing (config.json: "
+                       f"{'qwen2 with q/k/v biases' if cfg.qkv_bias else 'no biases'}, "
+                       f"num_hidden_layers = {cfg.n_layer})")
+
+
 def import_hf(path: str | Path, out: str | Path, chat_format=None) -> Path:
     """Import a Hugging Face Llama folder (config.json, safetensors, tokenizer.json) into a geb folder."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -207,12 +224,20 @@ def import_hf(path: str | Path, out: str | Path, chat_format=None) -> Path:
     folder = Path(path)
     if not folder.is_dir():
         raise GebError(f"{folder}: Hugging Face model folder not found")
-    cfg = hf_to_geb_config(read_json(folder / "config.json", "model config"), str(folder / "config.json"))
+    cfg_json = read_json(folder / "config.json", "model config")
+    cfg = hf_to_geb_config(cfg_json, str(folder / "config.json"))
     raw = _read_hf_weights(folder)
     if cfg.tie_embeddings:
         raw.pop("lm_head.weight", None)  # some tied checkpoints still store the (shared) head
-    sd = {geb_name(k, cfg.n_layer, str(folder)): v.float() for k, v in raw.items()
+    weights = folder / ("model.safetensors" if (folder / "model.safetensors").is_file() else
+                        "model.safetensors.index.json")
+    for k in raw:
+        if k.endswith(".bias") and not cfg.qkv_bias:
+            raise GebError(f"{weights}: unexpected tensor '{k}': config.json's model_type "
+                           f"{cfg_json.get('model_type')!r} has no biases (Qwen2 folders have q/k/v biases)")
+    sd = {geb_name(k, cfg.n_layer, str(weights)): v.float() for k, v in raw.items()
           if not k.endswith("rotary_emb.inv_freq")}
+    _check_shapes(cfg, sd, weights)
     tfile = folder / "tokenizer.json"
     if not tfile.is_file():
         raise GebError(f"{tfile}: not found (geb needs the fast tokenizer file)")
@@ -228,5 +253,8 @@ def import_hf(path: str | Path, out: str | Path, chat_format=None) -> Path:
             raise GebError(f"{e}; choose a chat format with --chat-format (chatml, chatglm3, plain or a JSON file)") from None
     else:
         tok = Tokenizer(hf_tok, source=str(tfile), chat_format=fmt)
+    if tok.vocab_size > cfg.vocab_size:
+        raise GebError(f"{tfile}: the tokenizer has {tok.vocab_size} tokens but config.json field 'vocab_size' "
+                       f"(the rows of model.embed_tokens.weight) is {cfg.vocab_size}")
     meta = {"stage": "import", "parent": str(folder.resolve()), "format": "hf"}
     return write_geb_folder(out, cfg, sd, tok, meta, source=str(folder))
