@@ -99,7 +99,8 @@ def compare(folder: Path, f32: Path, template: str, tokens: int, threads: int = 
         rel = ((ours - theirs).abs().max() / theirs.abs().max()).item()
         # geb's greedy continuation through its engine (KV cache, FP32, no stop token); one teacher-forced
         # pass of the FP32 model over the result checks each choice and measures how far from a tie it was.
-        geb_new = list(engine.generate_ids(ids, SamplingParams(max_new_tokens=tokens, temperature=0, stop_ids=[])))
+        geb_new = list(engine.generate_ids(ids, SamplingParams(max_new_tokens=tokens, temperature=0,
+                                                            repetition_penalty=1.0, stop_ids=[])))
         with torch.inference_mode():
             full = model(torch.tensor([ids + geb_new]))[0, len(ids) - 1 : -1]
         top = torch.topk(full, 2, -1).values
