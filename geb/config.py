@@ -32,6 +32,8 @@ class ModelConfig:
     rope_dims: int = 0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    # Biases on the q/k/v projections (Qwen2-family checkpoints); geb's own models have none.
+    qkv_bias: bool = False
     name: str = "custom"
     extra: dict = field(default_factory=dict)
 
@@ -75,6 +77,7 @@ class ModelConfig:
             + self.q_dim * d  # output projection
             + 3 * d * self.ffn_hidden  # gate, up, down
             + 2 * d  # two RMSNorm weights
+            + (self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0)
         )
         emb = self.vocab_size * d
         head = 0 if self.tie_embeddings else self.vocab_size * d

@@ -84,9 +84,9 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
-        self.wq = nn.Linear(cfg.d_model, cfg.q_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_dim, bias=False)
+        self.wq = nn.Linear(cfg.d_model, cfg.q_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.q_dim, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None, attn_mask: torch.Tensor | None):

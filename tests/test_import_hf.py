@@ -79,7 +79,7 @@ def test_bad_hf_inputs_leave_no_folder(tmp_path, tokenizer):
     save_file({**good, "model.layers.0.self_attn.q_proj.bias": torch.zeros(48)}, str(st))
     expect(r"model\.layers\.0\.self_attn\.q_proj\.bias")
     save_file({k: v for k, v in good.items() if "layers.1.mlp.up_proj" not in k}, str(st))
-    expect(r"layers\.1\.ffn\.w_up\.weight")
+    expect(r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is missing")
     save_file(good, str(st))
     data = st.read_bytes()
     st.write_bytes(data[: len(data) // 2])
@@ -88,9 +88,11 @@ def test_bad_hf_inputs_leave_no_folder(tmp_path, tokenizer):
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "intermediate_size": 80}))
-    expect(r"layers\.0\.ffn\.w_gate\.weight.*shape")
-    cfg_path.write_text(json.dumps({**cfg, "model_type": "qwen2"}))
+    expect(r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight' has shape")
+    cfg_path.write_text(json.dumps({**cfg, "model_type": "gemma"}))
     expect("model_type")
+    cfg_path.write_text(json.dumps({**cfg, "model_type": "qwen2"}))  # Qwen2 without its q/k/v biases
+    expect(r"'model\.layers\.0\.self_attn\.[qkv]_proj\.bias' is missing.*q/k/v biases")
     cfg_path.write_text(json.dumps(cfg))
     import_hf(folder, out)  # and the restored folder imports
     assert out.is_dir()

@@ -168,9 +168,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 # -- weights ----------------------------------------------------------------------------------------
-def mat(lin, keep: list) -> GebMat:
-    """The descriptor of a layer of geb.infer.quant (its tensors are appended to `keep`)."""
+def mat(lin, keep: list, bias: torch.Tensor | None = None) -> GebMat:
+    """The descriptor of a layer of geb.infer.quant (its tensors are appended to `keep`); `bias`, FP32
+    [out_features], is added to every output row by the core."""
     d = lin.native_desc()
+    if bias is not None:
+        d = {**d, "bias": bias}
     for t in d.values():
         if isinstance(t, torch.Tensor):
             keep.append(t)
@@ -241,7 +244,7 @@ class Decoder:
             norms = (layer.attn_norm.float().contiguous(), layer.ffn_norm.float().contiguous())
             self._keep += norms
             desc = GebLayer(attn_norm=norms[0].data_ptr(), ffn_norm=norms[1].data_ptr(),
-                            wqkv=mat(layer.wqkv, self._keep), wo=mat(layer.wo, self._keep),
+                            wqkv=mat(layer.wqkv, self._keep, layer.qkv_bias), wo=mat(layer.wo, self._keep),
                             wgu=mat(layer.w_gateup, self._keep), wdown=mat(layer.w_down, self._keep))
             L.geb_model_set_layer(self._h, i, ctypes.byref(desc))
         emb = rt.emb

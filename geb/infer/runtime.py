@@ -97,6 +97,7 @@ class Layer:
     ffn_norm: torch.Tensor
     w_gateup: Linear
     w_down: Linear
+    qkv_bias: torch.Tensor | None = None  # FP32 [q_dim + 2 kv_dim] (Qwen2-style checkpoints)
 
 
 class Runtime:
@@ -132,6 +133,8 @@ class Runtime:
             p = f"layers.{i}."
             sd[p + "attn_norm.weight"] = L.attn_norm
             sd.update(L.wqkv.state(p + "attn.wqkv."))
+            if L.qkv_bias is not None:
+                sd[p + "attn.wqkv.bias"] = L.qkv_bias
             sd.update(L.wo.state(p + "attn.wo."))
             sd[p + "ffn_norm.weight"] = L.ffn_norm
             sd.update(L.w_gateup.state(p + "ffn.w_gateup."))
@@ -206,7 +209,10 @@ class Runtime:
     def _qkv(self, L: Layer, x: torch.Tensor, cos_f, sin_f):
         c = self.cfg
         m = x.shape[0]
-        qkv = L.wqkv(self._norm(x, L.attn_norm)).view(m, c.n_head + 2 * c.n_kv_head, c.head_dim)
+        qkv = L.wqkv(self._norm(x, L.attn_norm))
+        if L.qkv_bias is not None:
+            qkv = qkv + L.qkv_bias
+        qkv = qkv.view(m, c.n_head + 2 * c.n_kv_head, c.head_dim)
         qk = self._rope(qkv[:, : c.n_head + c.n_kv_head], cos_f, sin_f)
         return qk[:, : c.n_head], qk[:, c.n_head :], qkv[:, c.n_head + c.n_kv_head :]
 
@@ -313,7 +319,10 @@ class Runtime:
         rows = torch.arange(b)
         x = self.emb(tokens.view(-1))
         for li, L in enumerate(self.layers):
-            qkv = mm(L.wqkv, self._norm(x, L.attn_norm)).view(b, nh + 2 * kvh, d)
+            qkv = mm(L.wqkv, self._norm(x, L.attn_norm))
+            if L.qkv_bias is not None:
+                qkv = qkv + L.qkv_bias
+            qkv = qkv.view(b, nh + 2 * kvh, d)
             qk = self._rope(qkv[:, : nh + kvh], cos_f, sin_f)
             q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + kvh :]
             kc, vc = cache.k[li], cache.v[li]
@@ -391,6 +400,8 @@ def build_runtime(cfg: ModelConfig, get, fmt: str, group_size: int = 32, release
             ffn_norm=get(p + "ffn_norm.weight").float().clone(),
             w_gateup=lin([p + "ffn.w_gate.weight", p + "ffn.w_up.weight"]),
             w_down=lin([p + "ffn.w_down.weight"]),
+            qkv_bias=torch.cat([get(p + f"attn.{n}.bias").float() for n in ("wq", "wk", "wv")]).contiguous()
+            if cfg.qkv_bias else None,
         ))
     emb_w = get("tok_emb.weight")
     if cfg.tie_embeddings:

@@ -200,6 +200,7 @@ def runtime_from_quantized(folder: Path, cfg: ModelConfig, q: dict, backend: str
             ffn_norm=get(p + "ffn_norm.weight", torch.float32, (d,)),
             w_gateup=lin(p + "ffn.w_gateup.", (2 * c.ffn_hidden, d)),
             w_down=lin(p + "ffn.w_down.", (d, c.ffn_hidden)),
+            qkv_bias=get(p + "attn.wqkv.bias", torch.float32, (qkv_rows,)) if c.qkv_bias else None,
         ))
     ef, hf = q["embedding_format"], q["head_format"]
     if ef == "int8":

@@ -1,6 +1,7 @@
 """GGUF for llama.cpp: `export_gguf` writes a llama-architecture file with the tokenizer and chat template
-in its metadata; `import_gguf` reads llama-architecture files (F32/F16/BF16/Q8_0/Q4_0/Q4_1...) back into
-a geb folder.
+in its metadata; `import_gguf` reads llama- and qwen2-architecture files of every type llama.cpp writes for them
+(F32/F16/BF16, Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, the K-quants Q2_K..Q6_K and IQ4_NL, its fallback for rows that
+are not a multiple of 256) back into a geb folder, dequantized to FP32 by `gguf.quants`.
 
 Choices (see docs/interop.md):
 - geb's rotate-half RoPE is turned into llama.cpp's adjacent-pair (NORM) layout by permuting the rows
@@ -252,6 +253,10 @@ def _tensor_plan(src: GebFolder, kind: str, output_kind: str, embedding_kind: st
             (b + "ffn_up.weight", p + "ffn.w_up.weight", kind, None),
             (b + "ffn_down.weight", p + "ffn.w_down.weight", kind, None),
         ]
+        if c.qkv_bias:  # llama.cpp's llama graph adds optional attn_q/k/v biases (Qwen2-style checkpoints)
+            plan += [(b + "attn_q.bias", p + "attn.wq.bias", "f32", perm_q),
+                     (b + "attn_k.bias", p + "attn.wk.bias", "f32", perm_k),
+                     (b + "attn_v.bias", p + "attn.wv.bias", "f32", None)]
     plan.append(("output_norm.weight", "norm.weight", "f32", None))
     if not c.tie_embeddings:  # llama.cpp uses token_embd as the output layer when output.weight is absent
         plan.append(("output.weight", "lm_head.weight", output_kind, None))
@@ -260,7 +265,7 @@ def _tensor_plan(src: GebFolder, kind: str, output_kind: str, embedding_kind: st
 
 def _fits(kind: str, shape: tuple[int, ...]) -> str:
     # Block formats need rows that are a multiple of 32 values; llama.cpp's converter falls back too.
-    if kind in ("q8_0", "q4_0") and shape[-1] % QK:
+    if kind in ("q8_0", "q4_0") and (len(shape) < 2 or shape[-1] % QK):
         return "f32"
     return kind
 
@@ -444,7 +449,11 @@ _LAYER_NAMES = {
     "attn_norm.weight": "attn_norm.weight", "attn_q.weight": "attn.wq.weight", "attn_k.weight": "attn.wk.weight",
     "attn_v.weight": "attn.wv.weight", "attn_output.weight": "attn.wo.weight", "ffn_norm.weight": "ffn_norm.weight",
     "ffn_gate.weight": "ffn.w_gate.weight", "ffn_up.weight": "ffn.w_up.weight", "ffn_down.weight": "ffn.w_down.weight",
+    "attn_q.bias": "attn.wq.bias", "attn_k.bias": "attn.wk.bias", "attn_v.bias": "attn.wv.bias",
 }
+# GGUF architectures geb reads: llama's q/k rows are in llama.cpp's adjacent-pair RoPE order (permuted
+# back on import); qwen2 files keep Hugging Face's rotate-half order (llama.cpp runs them with NEOX RoPE).
+ARCHITECTURES = {"llama": True, "qwen2": False}
 _TOP_NAMES = {"token_embd.weight": "tok_emb.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
 
 
@@ -456,11 +465,11 @@ def _geb_name(name: str, n_layer: int, source: str) -> str:
         if int(parts[1]) >= n_layer:
             raise GebError(f"{source}: tensor '{name}' is beyond llama.block_count = {n_layer}")
         return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    raise GebError(f"{source}: unknown tensor '{name}' (not part of the llama architecture geb imports)")
+    raise GebError(f"{source}: unknown tensor '{name}' (not part of the llama/qwen2 architectures geb imports)")
 
 
 def read_gguf(path: str | Path):
-    """Read a llama-architecture GGUF → (ModelConfig, state dict in geb names (FP32), tokenizer, info)."""
+    """Read a llama- or qwen2-architecture GGUF → (ModelConfig, state dict in geb names (FP32), tokenizer, info)."""
     gguf = _gguf()
     from geb.config import ModelConfig
     from geb.tokenizer import Tokenizer
@@ -475,18 +484,22 @@ def read_gguf(path: str | Path):
         raise GebError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated") from None
     f = _Fields(reader, source)
     arch = f.get("general.architecture", required=True)
-    if arch != "llama":
-        raise GebError(f"{path}: field 'general.architecture' = {arch!r}: only 'llama' GGUF files can be imported")
-    scaling = f.get("llama.rope.scaling.type")
+    if arch not in ARCHITECTURES:
+        raise GebError(f"{path}: field 'general.architecture' = {arch!r}: only llama and qwen2 GGUF files can be "
+                       f"imported (geb has no {arch!r} blocks)")
+    a = arch
+    scaling = f.get(f"{a}.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise GebError(f"{path}: field 'llama.rope.scaling.type' = {scaling!r}: RoPE scaling is not supported")
-    d = f.int("llama.embedding_length", required=True)
-    n_head = f.int("llama.attention.head_count", required=True)
-    n_kv = f.int("llama.attention.head_count_kv", n_head)
-    head_dim = f.int("llama.attention.key_length", d // n_head)
-    if f.int("llama.attention.value_length", head_dim) != head_dim:
-        raise GebError(f"{path}: field 'llama.attention.value_length' differs from key_length; geb needs them equal")
-    rot = f.int("llama.rope.dimension_count", head_dim)
+        raise GebError(f"{path}: field '{a}.rope.scaling.type' = {scaling!r}: RoPE scaling is not supported")
+    d = f.int(f"{a}.embedding_length", required=True)
+    n_head = f.int(f"{a}.attention.head_count", required=True)
+    n_kv = f.int(f"{a}.attention.head_count_kv", n_head)
+    head_dim = f.int(f"{a}.attention.key_length", d // n_head)
+    if f.int(f"{a}.attention.value_length", head_dim) != head_dim:
+        raise GebError(f"{path}: field '{a}.attention.value_length' differs from key_length; geb needs them equal")
+    rot = f.int(f"{a}.rope.dimension_count", head_dim)
+    if not ARCHITECTURES[arch] and rot != head_dim:
+        raise GebError(f"{path}: field '{a}.rope.dimension_count' = {rot}: partial rotary is not supported for {a}")
     hf_tok, n_tokens = gguf_tokenizer(f, source)
     tokenizer = Tokenizer(hf_tok, source=source)
     tensors = {t.name: t for t in reader.tensors}
@@ -495,12 +508,12 @@ def read_gguf(path: str | Path):
     vocab = int(tensors["token_embd.weight"].shape[-1])
     cfg = ModelConfig(
         name=str(f.get("general.name") or path.stem), vocab_size=vocab,
-        n_layer=f.int("llama.block_count", required=True), d_model=d, n_head=n_head, n_kv_head=n_kv,
-        head_dim=head_dim, ffn_hidden=f.int("llama.feed_forward_length", required=True),
-        max_seq_len=f.int("llama.context_length", 4096), rope_base=float(f.get("llama.rope.freq_base", 10000.0)),
+        n_layer=f.int(f"{a}.block_count", required=True), d_model=d, n_head=n_head, n_kv_head=n_kv,
+        head_dim=head_dim, ffn_hidden=f.int(f"{a}.feed_forward_length", required=True),
+        max_seq_len=f.int(f"{a}.context_length", 4096), rope_base=float(f.get(f"{a}.rope.freq_base", 10000.0)),
         rope_style="half", rope_dims=0 if rot == head_dim else rot,
-        norm_eps=float(f.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_embeddings="output.weight" not in tensors,
+        norm_eps=float(f.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in tensors, qkv_bias="blk.0.attn_q.bias" in tensors,
     )
     if n_tokens > vocab:
         raise GebError(f"{path}: {n_tokens} tokens in 'tokenizer.ggml.tokens' but token_embd.weight has {vocab} rows")
@@ -519,9 +532,11 @@ def read_gguf(path: str | Path):
         want = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml lists dims fastest first
         if tuple(w.shape) != want:
             w = w.reshape(want)
-        if gname.endswith("attn.wq.weight") and tuple(w.shape) == (n_head * head_dim, d):
+        if not ARCHITECTURES[arch]:
+            pass
+        elif gname.endswith(("attn.wq.weight", "attn.wq.bias")) and w.shape[0] == n_head * head_dim:
             w = interleaved_to_half(w, n_head, head_dim, rot)
-        elif gname.endswith("attn.wk.weight") and tuple(w.shape) == (n_kv * head_dim, d):
+        elif gname.endswith(("attn.wk.weight", "attn.wk.bias")) and w.shape[0] == n_kv * head_dim:
             w = interleaved_to_half(w, n_kv, head_dim, rot)
         sd[gname] = w
     info = {"architecture": arch, "file_type": f.get("general.file_type"),

@@ -29,6 +29,8 @@ _LAYER = {
     "attn.wo.weight": "self_attn.o_proj.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn.w_gate.weight": "mlp.gate_proj.weight", "ffn.w_up.weight": "mlp.up_proj.weight",
     "ffn.w_down.weight": "mlp.down_proj.weight",
+    "attn.wq.bias": "self_attn.q_proj.bias", "attn.wk.bias": "self_attn.k_proj.bias",
+    "attn.wv.bias": "self_attn.v_proj.bias",
 }
 _TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight"}
@@ -51,7 +53,7 @@ def geb_name(name: str, n_layer: int, source: str) -> str:
         if int(parts[2]) >= n_layer:
             raise GebError(f"{source}: tensor '{name}' is beyond num_hidden_layers = {n_layer}")
         return f"layers.{parts[2]}.{inv[parts[3]]}"
-    raise GebError(f"{source}: unknown tensor '{name}' (not part of LlamaForCausalLM)")
+    raise GebError(f"{source}: unknown tensor '{name}' (not part of LlamaForCausalLM/Qwen2ForCausalLM)")
 
 
 def hf_config(cfg: ModelConfig, tok_cfg: dict, vocab: dict[str, int], dtype: str) -> dict:
@@ -60,13 +62,15 @@ def hf_config(cfg: ModelConfig, tok_cfg: dict, vocab: dict[str, int], dtype: str
         v = v.get("content") if isinstance(v, dict) else v
         return vocab.get(v) if v is not None else None
 
+    # q/k/v biases without an o_proj bias are Qwen2's layout (Llama's attention_bias adds all four).
+    arch = ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama")
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [arch[0]], "model_type": arch[1],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden,
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
+        "attention_bias": False, "mlp_bias": False, "use_sliding_window": False, "sliding_window": None, "attention_dropout": 0.0, "pretraining_tp": 1,
         # transformers 4.x reads rope_theta/rope_scaling, 5.x reads rope_parameters: write both.
         "rope_theta": cfg.rope_base, "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
@@ -94,8 +98,9 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "float32") ->
     sd = {}
     for name in src.shapes:
         w = src.tensor(name)
-        if c.rope_style == "interleaved" and name.endswith(("attn.wq.weight", "attn.wk.weight")):
-            heads = c.n_head if name.endswith("wq.weight") else c.n_kv_head
+        if c.rope_style == "interleaved" and name.endswith(("attn.wq.weight", "attn.wk.weight", "attn.wq.bias",
+                                                            "attn.wk.bias")):
+            heads = c.n_head if ".wq." in name else c.n_kv_head
             w = interleaved_to_half(w, heads, c.head_dim, c.head_dim)
         sd[hf_name(name)] = w.to(DTYPES[dtype]).contiguous()
     config = hf_config(c, tc, vocab, dtype)
@@ -158,10 +163,13 @@ def hf_to_geb_config(hc: dict, source: str) -> ModelConfig:
         return hc[k]
 
     arch = hc.get("model_type")
-    if arch not in ("llama", "mistral"):
-        raise GebError(f"{source}: field 'model_type' = {arch!r}: only Llama-architecture models can be imported")
+    if arch not in ("llama", "mistral", "qwen2"):
+        raise GebError(f"{source}: field 'model_type' = {arch!r}: only llama, mistral and qwen2 models can be "
+                       f"imported (geb has no {arch!r} blocks)")
     if hc.get("attention_bias") or hc.get("mlp_bias"):
-        raise GebError(f"{source}: field 'attention_bias'/'mlp_bias' is true; geb blocks have no biases")
+        what = "attention_bias" if hc.get("attention_bias") else "mlp_bias"
+        raise GebError(f"{source}: field '{what}' is true; geb supports biases only on q/k/v (Qwen2), not on "
+                       "o_proj or the MLP")
     if hc.get("hidden_act", "silu") != "silu":
         raise GebError(f"{source}: field 'hidden_act' = {hc['hidden_act']!r}; geb uses SwiGLU (silu)")
     rp = hc.get("rope_parameters") or {}
@@ -169,8 +177,11 @@ def hf_to_geb_config(hc: dict, source: str) -> ModelConfig:
     rtype = rp.get("rope_type") or rs.get("rope_type") or rs.get("type") or "default"
     if rtype != "default":
         raise GebError(f"{source}: field 'rope_scaling' type {rtype!r} is not supported")
-    if hc.get("sliding_window") not in (None, 0) and arch == "mistral":
-        raise GebError(f"{source}: field 'sliding_window' is set; geb uses full attention")
+    # Within the sliding window, windowed attention is full attention: cap the context there.
+    window = hc.get("sliding_window") if arch == "mistral" or hc.get("use_sliding_window") else None
+    max_len = hc.get("max_position_embeddings", 4096)
+    if isinstance(window, int) and 0 < window < max_len:
+        max_len = window
     if float(hc.get("partial_rotary_factor", rp.get("partial_rotary_factor", 1.0))) != 1.0:
         raise GebError(f"{source}: field 'partial_rotary_factor' != 1 is not supported for Llama imports")
     d, nh = need("hidden_size"), need("num_attention_heads")
@@ -178,10 +189,28 @@ def hf_to_geb_config(hc: dict, source: str) -> ModelConfig:
         name=hc.get("_name_or_path") or "hf-import", vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"),
         d_model=d, n_head=nh, n_kv_head=hc.get("num_key_value_heads") or nh,
         head_dim=hc.get("head_dim") or d // nh, ffn_hidden=need("intermediate_size"),
-        max_seq_len=hc.get("max_position_embeddings", 4096),
+        max_seq_len=max_len,
         rope_base=float(rp.get("rope_theta", hc.get("rope_theta", 10000.0))), rope_style="half",
         norm_eps=float(hc.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hc.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "qwen2",
     )
+
+
+def _check_shapes(cfg: ModelConfig, sd: dict[str, torch.Tensor], weights: Path) -> None:
+    """Weights that disagree with config.json are named by their Hugging Face name and file."""
+    from geb.model import GEB
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GEB(cfg).state_dict().items()}
+    for k, v in sd.items():
+        if k in expected and tuple(v.shape) != expected[k]:
+            raise GebError(f"{weights}: tensor '{hf_name(k)}' has shape {tuple(v.shape)}, but config.json "
+                           f"implies {expected[k]}")
+    missing = sorted(set(expected) - set(sd) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+    if missing:
+        raise GebError(f"{weights}: tensor '{hf_name(missing[0])}' is missing (config.json: "
+                       f"{'qwen2 with q/k/v biases' if cfg.qkv_bias else 'no biases'}, "
+                       f"num_hidden_layers = {cfg.n_layer})")
 
 
 def import_hf(path: str | Path, out: str | Path, chat_format=None) -> Path:
@@ -195,12 +224,20 @@ def import_hf(path: str | Path, out: str | Path, chat_format=None) -> Path:
     folder = Path(path)
     if not folder.is_dir():
         raise GebError(f"{folder}: Hugging Face model folder not found")
-    cfg = hf_to_geb_config(read_json(folder / "config.json", "model config"), str(folder / "config.json"))
+    cfg_json = read_json(folder / "config.json", "model config")
+    cfg = hf_to_geb_config(cfg_json, str(folder / "config.json"))
     raw = _read_hf_weights(folder)
     if cfg.tie_embeddings:
         raw.pop("lm_head.weight", None)  # some tied checkpoints still store the (shared) head
-    sd = {geb_name(k, cfg.n_layer, str(folder)): v.float() for k, v in raw.items()
+    weights = folder / ("model.safetensors" if (folder / "model.safetensors").is_file() else
+                        "model.safetensors.index.json")
+    for k in raw:
+        if k.endswith(".bias") and not cfg.qkv_bias:
+            raise GebError(f"{weights}: unexpected tensor '{k}': config.json's model_type "
+                           f"{cfg_json.get('model_type')!r} has no biases (Qwen2 folders have q/k/v biases)")
+    sd = {geb_name(k, cfg.n_layer, str(weights)): v.float() for k, v in raw.items()
           if not k.endswith("rotary_emb.inv_freq")}
+    _check_shapes(cfg, sd, weights)
     tfile = folder / "tokenizer.json"
     if not tfile.is_file():
         raise GebError(f"{tfile}: not found (geb needs the fast tokenizer file)")
@@ -216,5 +253,8 @@ def import_hf(path: str | Path, out: str | Path, chat_format=None) -> Path:
             raise GebError(f"{e}; choose a chat format with --chat-format (chatml, chatglm3, plain or a JSON file)") from None
     else:
         tok = Tokenizer(hf_tok, source=str(tfile), chat_format=fmt)
+    if tok.vocab_size > cfg.vocab_size:
+        raise GebError(f"{tfile}: the tokenizer has {tok.vocab_size} tokens but config.json field 'vocab_size' "
+                       f"(the rows of model.embed_tokens.weight) is {cfg.vocab_size}")
     meta = {"stage": "import", "parent": str(folder.resolve()), "format": "hf"}
     return write_geb_folder(out, cfg, sd, tok, meta, source=str(folder))
