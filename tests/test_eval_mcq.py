@@ -189,7 +189,8 @@ def test_oldest_shots_are_dropped_when_the_prompt_is_too_long(tmp_path, tiny_mod
     model, tok, _ = load_model(tiny_model_dir)
     sc = Scorer(model, tok)
     subj = load_benchmark("ceval", data).subjects[0]
-    stats = dict.fromkeys(("items_with_fewer_shots", "shots_dropped", "items_left_truncated", "prefix_mismatch"), 0)
+    stats = dict.fromkeys(("items_with_fewer_shots", "shots_dropped", "items_left_truncated", "prefix_mismatch",
+                           "prefix_hits", "prefix_cached_tokens"), 0)
     groups = _plan_subject(sc, "lm-eval", "ceval", subj, subj.dev, subj.items, (" A", " B", " C", " D"), stats)
     for k, members in groups.items():
         assert k < 5
@@ -307,3 +308,28 @@ def test_quantized_folders_are_scored_through_the_engine(tmp_path, long_model_di
     assert a["model"]["format"] == "int8" and b["model"]["format"] == "fp32"
     for pa, pb in zip(a["predictions"], b["predictions"]):
         assert pa["logprobs"] == pytest.approx(pb["logprobs"], abs=0.3)  # int8 rounding (0.1 seen)
+
+
+def test_prefix_cache_hits_when_the_boundary_tokenizes_differently(tiny_model_dir):
+    """A BPE that merges the k-shot prefix's last tokens with the question's first (GPT-2-style
+    "\\n\\n" merges) must still reuse the shared tokens before the boundary, with exact results."""
+    from geb.checkpoint import load_model
+    from geb.eval.mcq import _score_group
+
+    model, tok, _ = load_model(tiny_model_dir)
+    sc = Scorer(model, tok, batch_size=3)
+    shots = tok.encode("Q: 1+1? A: 2. Q: the sky is? A: blue. Q: water is? A: wet.")
+    conts = [tok.encode(c) for c in (" A", " B", " C", " D")]
+    # the prefix as tokenized alone ends in an id no question starts with: an exact-prefix test misses
+    prefix_ids = shots + [tok.encode("\n\n")[-1]]
+    members = [(i, shots + tok.encode(q), conts) for i, q in enumerate(["Q: fire is?", "Q: ice is? A:", "Q: 北京?"])]
+    members.append((3, tok.encode("Something else entirely, no shots"), conts))
+    stats = dict.fromkeys(("items_left_truncated", "prefix_mismatch", "prefix_hits", "prefix_cached_tokens"), 0)
+    got = _score_group(sc, prefix_ids, members, True, stats)
+    assert stats["prefix_hits"] == 3 and stats["prefix_mismatch"] == 1
+    assert stats["prefix_cached_tokens"] == 3 * len(shots) and sc.prefix_forwards == 1
+    plain_stats = dict.fromkeys(stats, 0)
+    want = _score_group(sc, prefix_ids, members, False, plain_stats)
+    assert plain_stats["prefix_hits"] == 0 and sc.prefix_forwards == 1
+    for i in range(4):
+        assert got[i] == pytest.approx(want[i], abs=1e-4)

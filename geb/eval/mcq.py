@@ -41,20 +41,41 @@ def _plan_subject(scorer: Scorer, protocol: str, bench: str, subj: Subject, shot
     return groups
 
 
+def _common_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def _score_group(scorer: Scorer, prefix_ids: list[int], members: list, reuse: bool, stats: dict):
-    """Log-likelihoods [4] per member; members share prefix_ids when their tokens start with it."""
+    """Log-likelihoods [4] per member. With `reuse`, the members' longest common token prefix with
+    the k-shot prefix's own tokenization runs once into a KV cache: a BPE often merges the prefix's
+    last tokens ("\n\n") with the question's first, so an exact-prefix test would miss, but the
+    tokens before that boundary are shared and caching them is exact (a causal model's keys/values
+    of a position depend only on the tokens before it)."""
     L = scorer.max_len
     cached, plain, long_ = [], [], []
+    shared = []
     for m in members:
         _, ctx, cs = m
         if len(ctx) + max(map(len, cs)) > L + 1:
             long_.append(m)
-        elif reuse and prefix_ids and ctx[: len(prefix_ids)] == prefix_ids and len(ctx) > len(prefix_ids):
-            cached.append(m)
-        else:
-            plain.append(m)
-    if reuse and plain and prefix_ids:
+            continue
+        # at least one token of the context stays out of the cache: it is the input that predicts the answer
+        shared.append((m, min(_common_len(prefix_ids, ctx), len(ctx) - 1) if reuse else 0))
+    # One cache per group: the shortest common length among the members that share at least half
+    # of the longest one (an odd item with a short overlap is scored without the cache).
+    top = max((n for _, n in shared), default=0)
+    keep = [n for _, n in shared if n and 2 * n >= top]
+    p = min(keep, default=0)
+    for m, n in shared:
+        (cached if p and n >= p else plain).append(m)
+    if reuse and prefix_ids:
         stats["prefix_mismatch"] += len(plain)
+        stats["prefix_hits"] += len(cached)
+        stats["prefix_cached_tokens"] += p * len(cached)
     stats["items_left_truncated"] += len(long_)
     out: dict[int, list[float]] = {}
 
@@ -63,7 +84,8 @@ def _score_group(scorer: Scorer, prefix_ids: list[int], members: list, reuse: bo
             return [Row(ctx, [(len(ctx) - 1, c) for c in cs])]
         return [Row(ctx + c[:-1], [(len(ctx) - 1, c)]) for c in cs]
 
-    for batch, prefix in ((cached, prefix_ids), (plain, [])):
+    cache_ids = cached[0][1][:p] if cached else []
+    for batch, prefix in ((cached, cache_ids), (plain, [])):
         rows, owners = [], []
         for i, ctx, cs in batch:
             rs = rows_for(ctx[len(prefix):], cs)
@@ -158,7 +180,8 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: 
     if len({tuple(c) for c in tok_conts}) < 4 or not all(tok_conts):
         raise GebError(f"the tokenizer does not give the answers {conts} distinct token ids")
     n_shots = 0 if protocol == "cot" else shots
-    stats = {"items_with_fewer_shots": 0, "shots_dropped": 0, "items_left_truncated": 0, "prefix_mismatch": 0}
+    stats = {"items_with_fewer_shots": 0, "shots_dropped": 0, "items_left_truncated": 0, "prefix_mismatch": 0,
+             "prefix_hits": 0, "prefix_cached_tokens": 0}
     cot_stats = {"unanswered": 0}
     if protocol == "cot" and engine is None:
         from geb.infer.engine import Engine
@@ -234,7 +257,9 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: 
         "speed": {"seconds": round(seconds, 3), "items": n_items, "items_per_s": round(n_items / max(seconds, 1e-9), 2),
                   "batch_size": scorer.batch_size, "prefix_forwards": scorer.prefix_forwards,
                   "prefix_reuse": bool(reuse_prefix and protocol != "cot"),
-                  "prefix_mismatch": stats["prefix_mismatch"]},
+                  "prefix_mismatch": stats["prefix_mismatch"], "prefix_hits": stats["prefix_hits"],
+                  "prefix_hit_rate": round(stats["prefix_hits"] / max(stats["prefix_hits"] + stats["prefix_mismatch"], 1), 4),
+                  "prefix_cached_tokens": stats["prefix_cached_tokens"]},
     }
     if protocol == "cot":
         results["cot"] = {**cot_stats, "max_new_tokens": max_new_tokens}
