@@ -300,6 +300,16 @@ def test_quantized_folders_are_scored_through_the_engine(tmp_path, long_model_di
     assert [x[0] for x in rs.loglikelihood(pairs)] == pytest.approx([x[0] for x in sc.loglikelihood(pairs)], abs=1e-3)
     ids = tok.encode("北京是中国的首都。" * 40)
     assert rs.rolling(ids)[0] == pytest.approx(sc.rolling(ids)[0], rel=1e-4)
+    # rows continuing a cached prefix, read at the last position only or at earlier ones
+    prefix = tok.encode("北京是中国的首都。The capital of France is Paris.")
+    rows = [Row(tok.encode(t), []) for t in (" In 2024, 3 cats", " 熊猫生活在四川", " def add(a, b):")]
+    rows[0].targets = [(len(rows[0].ids) - 1, [5]), (len(rows[0].ids) - 1, [9])]
+    rows[1].targets = [(1, rows[1].ids[2:4])]
+    rows[2].targets = [(len(rows[2].ids) - 2, [rows[2].ids[-1], 7])]
+    for got, want in zip(rs.score_rows(rows, prefix=prefix), sc.score_rows(rows, prefix=prefix)):
+        for (la, ga), (lb, gb) in zip(got, want):
+            assert la == pytest.approx(lb, abs=1e-3) and ga == gb
+    assert rs.prefix_forwards == 1
     # an int8 folder: evaluated, recorded as such, close to full precision
     data = write_ceval(tmp_path / "ce", {"law": (2, 4)})
     q = quantize_folder(long_model_dir, tmp_path / "int8", "int8")
@@ -333,3 +343,33 @@ def test_prefix_cache_hits_when_the_boundary_tokenizes_differently(tiny_model_di
     assert plain_stats["prefix_hits"] == 0 and sc.prefix_forwards == 1
     for i in range(4):
         assert got[i] == pytest.approx(want[i], abs=1e-4)
+
+
+def test_the_data_filter_and_the_quantization_report_share_the_scorer(long_model_dir, loaded):
+    import math
+
+    from geb.data.lm import GebModelScorer
+    from geb.eval.scoring import perplexity_of
+    from geb.infer.bench import perplexity
+    from geb.infer.weights import load_runtime
+
+    model, tok = loaded
+    text = "北京是中国的首都。The capital of France is Paris. " * 30
+    ids = tok.encode(text)
+    sc = Scorer(model, tok)
+    # by hand: every token predicted from the ones before it, the first from the end-of-document id
+    seq = [tok.eos_id] + ids
+    with torch.no_grad():
+        nll = 0.0
+        for k in range(0, len(ids), model.cfg.max_seq_len):
+            tgt = torch.tensor(ids[k:k + model.cfg.max_seq_len])
+            logits = model(torch.tensor([seq[k:k + len(tgt)]]))[0].float()
+            logits[:, tok.vocab_size:] = float("-inf")
+            nll += float(torch.nn.functional.cross_entropy(logits, tgt, reduction="sum"))
+    want = math.exp(nll / len(ids))
+    assert perplexity_of(sc, ids) == pytest.approx(want, rel=1e-4)
+    rt, rtok, _ = load_runtime(long_model_dir, "fp32")
+    assert perplexity(rt, ids, rtok) == pytest.approx(want, rel=1e-4)
+    # the filter scores the document and its end
+    assert GebModelScorer(long_model_dir).perplexity(text) == pytest.approx(
+        perplexity_of(sc, ids + [tok.eos_id]), rel=1e-4)
