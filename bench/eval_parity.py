@@ -68,7 +68,7 @@ def lm_eval_samples(hf_dir: Path, benches: dict, shots: int, limit: int, batch_s
     with tempfile.TemporaryDirectory() as tasks:
         names, dirs = [], []
         for bench, (data, subjects) in benches.items():
-            # one folder per benchmark: their data files are named by subject, which MMLU and CMMLU share
+            # one folder per benchmark (MMLU and CMMLU share subject names)
             dirs.append(str(Path(tasks) / bench))
             write_task_configs(bench, data, dirs[-1], subjects=subjects)
             names.append(f"geb_{bench}")
