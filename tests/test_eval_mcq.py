@@ -373,3 +373,23 @@ def test_the_data_filter_and_the_quantization_report_share_the_scorer(long_model
     # the filter scores the document and its end
     assert GebModelScorer(long_model_dir).perplexity(text) == pytest.approx(
         perplexity_of(sc, ids + [tok.eos_id]), rel=1e-4)
+
+
+def test_evaluate_is_load_score_report_over_one_options_object(tmp_path, tiny_model_dir):
+    from geb.eval.mcq import EvalOptions, load, report, score
+
+    data = write_ceval(tmp_path / "ce", {"law": (2, 3)})
+    opts = EvalOptions(shots=2, limit=2)
+    a = evaluate(tiny_model_dir, "ceval", data, opts, keep_predictions=True)
+    b = evaluate(tiny_model_dir, "ceval", data, shots=2, limit=2, keep_predictions=True)
+    m = load(tiny_model_dir)
+    bench = load_benchmark("ceval", data)
+    s = score(m, bench, opts)
+    c = report(m, bench, opts, s)
+    assert a["overall"]["n"] == 2 and a["shots"] == 2 and c["overall"] == a["overall"] == b["overall"]
+    for pa, ps in zip(a["predictions"], s.predictions, strict=True):
+        assert pa["id"] == ps["id"] and pa["logprobs"] == pytest.approx(ps["logprobs"], abs=1e-5)
+    with pytest.raises(GebError, match="not both"):
+        evaluate(tiny_model_dir, "ceval", data, opts, shots=3)
+    with pytest.raises(GebError, match="--shots"):
+        evaluate(tiny_model_dir, "ceval", data, shots=-1)
