@@ -154,3 +154,19 @@ def test_registration_in_a_fresh_process():
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == "True", p.stderr[-2000:]
+
+
+def test_task_configs_of_two_benchmarks_in_one_folder_keep_their_own_data(tmp_path):
+    """MMLU and C-Eval share subject names: their local data files must not overwrite each other."""
+    import yaml
+
+    from geb.eval.lmeval import write_task_configs
+
+    ce = write_ceval(tmp_path / "ce", {"high_school_physics": (2, 3)})
+    mm = write_mmlu(tmp_path / "mm", {"high_school_physics": (5, 4)})
+    write_task_configs("ceval", ce, tmp_path / "tasks")
+    write_task_configs("mmlu", mm, tmp_path / "tasks")
+    for bench, split, n in (("ceval", "val", 3), ("ceval", "dev", 2), ("mmlu", "test", 4), ("mmlu", "dev", 5)):
+        cfg = yaml.safe_load((tmp_path / "tasks" / f"geb_{bench}_high_school_physics.yaml").read_text(encoding="utf-8"))
+        with open(cfg["dataset_kwargs"]["data_files"][split], encoding="utf-8") as f:
+            assert len(f.readlines()) == n

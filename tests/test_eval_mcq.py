@@ -189,7 +189,8 @@ def test_oldest_shots_are_dropped_when_the_prompt_is_too_long(tmp_path, tiny_mod
     model, tok, _ = load_model(tiny_model_dir)
     sc = Scorer(model, tok)
     subj = load_benchmark("ceval", data).subjects[0]
-    stats = dict.fromkeys(("items_with_fewer_shots", "shots_dropped", "items_left_truncated", "prefix_mismatch"), 0)
+    stats = dict.fromkeys(("items_with_fewer_shots", "shots_dropped", "items_left_truncated", "prefix_mismatch",
+                           "prefix_hits", "prefix_cached_tokens"), 0)
     groups = _plan_subject(sc, "lm-eval", "ceval", subj, subj.dev, subj.items, (" A", " B", " C", " D"), stats)
     for k, members in groups.items():
         assert k < 5
@@ -299,6 +300,16 @@ def test_quantized_folders_are_scored_through_the_engine(tmp_path, long_model_di
     assert [x[0] for x in rs.loglikelihood(pairs)] == pytest.approx([x[0] for x in sc.loglikelihood(pairs)], abs=1e-3)
     ids = tok.encode("北京是中国的首都。" * 40)
     assert rs.rolling(ids)[0] == pytest.approx(sc.rolling(ids)[0], rel=1e-4)
+    # rows continuing a cached prefix, read at the last position only or at earlier ones
+    prefix = tok.encode("北京是中国的首都。The capital of France is Paris.")
+    rows = [Row(tok.encode(t), []) for t in (" In 2024, 3 cats", " 熊猫生活在四川", " def add(a, b):")]
+    rows[0].targets = [(len(rows[0].ids) - 1, [5]), (len(rows[0].ids) - 1, [9])]
+    rows[1].targets = [(1, rows[1].ids[2:4])]
+    rows[2].targets = [(len(rows[2].ids) - 2, [rows[2].ids[-1], 7])]
+    for got, want in zip(rs.score_rows(rows, prefix=prefix), sc.score_rows(rows, prefix=prefix)):
+        for (la, ga), (lb, gb) in zip(got, want):
+            assert la == pytest.approx(lb, abs=1e-3) and ga == gb
+    assert rs.prefix_forwards == 1
     # an int8 folder: evaluated, recorded as such, close to full precision
     data = write_ceval(tmp_path / "ce", {"law": (2, 4)})
     q = quantize_folder(long_model_dir, tmp_path / "int8", "int8")
@@ -307,3 +318,78 @@ def test_quantized_folders_are_scored_through_the_engine(tmp_path, long_model_di
     assert a["model"]["format"] == "int8" and b["model"]["format"] == "fp32"
     for pa, pb in zip(a["predictions"], b["predictions"]):
         assert pa["logprobs"] == pytest.approx(pb["logprobs"], abs=0.3)  # int8 rounding (0.1 seen)
+
+
+def test_prefix_cache_hits_when_the_boundary_tokenizes_differently(tiny_model_dir):
+    """A BPE that merges the k-shot prefix's last tokens with the question's first (GPT-2-style
+    "\\n\\n" merges) must still reuse the shared tokens before the boundary, with exact results."""
+    from geb.checkpoint import load_model
+    from geb.eval.mcq import _score_group
+
+    model, tok, _ = load_model(tiny_model_dir)
+    sc = Scorer(model, tok, batch_size=3)
+    shots = tok.encode("Q: 1+1? A: 2. Q: the sky is? A: blue. Q: water is? A: wet.")
+    conts = [tok.encode(c) for c in (" A", " B", " C", " D")]
+    # the prefix as tokenized alone ends in an id no question starts with: an exact-prefix test misses
+    prefix_ids = shots + [tok.encode("\n\n")[-1]]
+    members = [(i, shots + tok.encode(q), conts) for i, q in enumerate(["Q: fire is?", "Q: ice is? A:", "Q: 北京?"])]
+    members.append((3, tok.encode("Something else entirely, no shots"), conts))
+    stats = dict.fromkeys(("items_left_truncated", "prefix_mismatch", "prefix_hits", "prefix_cached_tokens"), 0)
+    got = _score_group(sc, prefix_ids, members, True, stats)
+    assert stats["prefix_hits"] == 3 and stats["prefix_mismatch"] == 1
+    assert stats["prefix_cached_tokens"] == 3 * len(shots) and sc.prefix_forwards == 1
+    plain_stats = dict.fromkeys(stats, 0)
+    want = _score_group(sc, prefix_ids, members, False, plain_stats)
+    assert plain_stats["prefix_hits"] == 0 and sc.prefix_forwards == 1
+    for i in range(4):
+        assert got[i] == pytest.approx(want[i], abs=1e-4)
+
+
+def test_the_data_filter_and_the_quantization_report_share_the_scorer(long_model_dir, loaded):
+    import math
+
+    from geb.data.lm import GebModelScorer
+    from geb.eval.scoring import perplexity_of
+    from geb.infer.bench import perplexity
+    from geb.infer.weights import load_runtime
+
+    model, tok = loaded
+    text = "北京是中国的首都。The capital of France is Paris. " * 30
+    ids = tok.encode(text)
+    sc = Scorer(model, tok)
+    # by hand: every token predicted from the ones before it, the first from the end-of-document id
+    seq = [tok.eos_id] + ids
+    with torch.no_grad():
+        nll = 0.0
+        for k in range(0, len(ids), model.cfg.max_seq_len):
+            tgt = torch.tensor(ids[k:k + model.cfg.max_seq_len])
+            logits = model(torch.tensor([seq[k:k + len(tgt)]]))[0].float()
+            logits[:, tok.vocab_size:] = float("-inf")
+            nll += float(torch.nn.functional.cross_entropy(logits, tgt, reduction="sum"))
+    want = math.exp(nll / len(ids))
+    assert perplexity_of(sc, ids) == pytest.approx(want, rel=1e-4)
+    rt, rtok, _ = load_runtime(long_model_dir, "fp32")
+    assert perplexity(rt, ids, rtok) == pytest.approx(want, rel=1e-4)
+    # the filter scores the document and its end
+    assert GebModelScorer(long_model_dir).perplexity(text) == pytest.approx(
+        perplexity_of(sc, ids + [tok.eos_id]), rel=1e-4)
+
+
+def test_evaluate_is_load_score_report_over_one_options_object(tmp_path, tiny_model_dir):
+    from geb.eval.mcq import EvalOptions, load, report, score
+
+    data = write_ceval(tmp_path / "ce", {"law": (2, 3)})
+    opts = EvalOptions(shots=2, limit=2)
+    a = evaluate(tiny_model_dir, "ceval", data, opts, keep_predictions=True)
+    b = evaluate(tiny_model_dir, "ceval", data, shots=2, limit=2, keep_predictions=True)
+    m = load(tiny_model_dir)
+    bench = load_benchmark("ceval", data)
+    s = score(m, bench, opts)
+    c = report(m, bench, opts, s)
+    assert a["overall"]["n"] == 2 and a["shots"] == 2 and c["overall"] == a["overall"] == b["overall"]
+    for pa, ps in zip(a["predictions"], s.predictions, strict=True):
+        assert pa["id"] == ps["id"] and pa["logprobs"] == pytest.approx(ps["logprobs"], abs=1e-5)
+    with pytest.raises(GebError, match="not both"):
+        evaluate(tiny_model_dir, "ceval", data, opts, shots=3)
+    with pytest.raises(GebError, match="--shots"):
+        evaluate(tiny_model_dir, "ceval", data, shots=-1)

@@ -40,7 +40,7 @@ def run(args) -> int:
             raise GebError(f"{f}: eval text not found")
         ids = tok.encode(f.read_text(encoding="utf-8"))
         base, _, _ = load_runtime(args.model, "fp32")
-        p0, p1 = perplexity(base, ids), perplexity(rt, ids)
+        p0, p1 = perplexity(base, ids, tok), perplexity(rt, ids, tok)
         print(f"perplexity on {f.name} ({len(ids)} tokens): fp32 {p0:.4f}, {args.format} {p1:.4f} "
               f"({100 * (p1 / p0 - 1):+.2f}%)")
     return 0

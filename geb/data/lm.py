@@ -136,30 +136,17 @@ class CharNgramLM:
 
 
 class GebModelScorer:
-    """Per-token perplexity under a geb model folder (its own tokenizer), in windows of max_seq_len."""
+    """Per-token perplexity under a geb model folder (its own tokenizer; full-precision or quantized),
+    through geb.eval.scoring's one scorer: the document starts after the end-of-document id and its
+    end is predicted too."""
 
     def __init__(self, folder: str | Path):
-        import torch
+        from geb.eval.scoring import load_scorer
 
-        from geb.checkpoint import load_model
-
-        self.model, self.tokenizer, _ = load_model(folder)
-        self.model.eval()
-        self.window = int(self.model.cfg.max_seq_len) if hasattr(self.model, "cfg") else 512
-        self._torch = torch
+        self.scorer, self.tokenizer, _, _ = load_scorer(folder)
 
     def perplexity(self, text: str) -> float:
-        torch = self._torch
-        ids = [self.tokenizer.eos_id] + self.tokenizer.encode(text, allow_special=False) + [self.tokenizer.eos_id]
-        nll, n = 0.0, 0
-        with torch.no_grad():
-            for s in range(0, len(ids) - 1, self.window):
-                chunk = ids[s:s + self.window + 1]
-                if len(chunk) < 2:
-                    break
-                x = torch.tensor([chunk[:-1]])
-                y = torch.tensor([chunk[1:]])
-                loss = self.model(x, targets=y)
-                nll += float(loss) * (len(chunk) - 1)
-                n += len(chunk) - 1
-        return math.exp(nll / max(1, n))
+        from geb.eval.scoring import perplexity_of
+
+        ids = self.tokenizer.encode(text, allow_special=False) + [self.tokenizer.eos_id]
+        return perplexity_of(self.scorer, ids)

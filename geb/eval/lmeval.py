@@ -181,7 +181,7 @@ def write_task_configs(benchmark: str, data_dir, out_dir, split: str | None = No
     for subj in bench.subjects:
         files = {}
         for sp, items in ((bench.split, subj.items), ("dev", subj.dev)):
-            f = out / "data" / f"{subj.name}.{sp}.jsonl"
+            f = out / "data" / f"{benchmark}_{subj.name}.{sp}.jsonl"  # benchmarks share subject names
             tmp = f.with_name(f".{f.name}.tmp")
             with open(tmp, "w", encoding="utf-8") as fh:
                 for it in items:

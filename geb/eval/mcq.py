@@ -1,6 +1,8 @@
 """Multiple-choice evaluation (MMLU, C-Eval, CMMLU) under a named protocol → results dict and files.
 
-`evaluate()` is the stage function behind `geb eval mcq` and the one the quickstart calls. Letter
+`evaluate()` is the stage function behind `geb eval mcq` and the one the quickstart calls: `load`
+(a model folder or a loaded model) → `score` (every subject) → `report` (the results dict), with
+the run's settings in one `EvalOptions`. Letter
 scoring runs one forward pass per question: the subject's k-shot prefix is computed once into a KV
 cache and its keys/values are copied into each batch of questions (`Scorer.score_rows`). A prompt
 longer than the model's context loses its oldest shots first (counted and reported); if even the
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from geb.errors import GebError
@@ -41,20 +44,41 @@ def _plan_subject(scorer: Scorer, protocol: str, bench: str, subj: Subject, shot
     return groups
 
 
+def _common_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def _score_group(scorer: Scorer, prefix_ids: list[int], members: list, reuse: bool, stats: dict):
-    """Log-likelihoods [4] per member; members share prefix_ids when their tokens start with it."""
+    """Log-likelihoods [4] per member. With `reuse`, the members' longest common token prefix with
+    the k-shot prefix's own tokenization runs once into a KV cache: a BPE often merges the prefix's
+    last tokens ("\n\n") with the question's first, so an exact-prefix test would miss, but the
+    tokens before that boundary are shared and caching them is exact (a causal model's keys/values
+    of a position depend only on the tokens before it)."""
     L = scorer.max_len
     cached, plain, long_ = [], [], []
+    shared = []
     for m in members:
         _, ctx, cs = m
         if len(ctx) + max(map(len, cs)) > L + 1:
             long_.append(m)
-        elif reuse and prefix_ids and ctx[: len(prefix_ids)] == prefix_ids and len(ctx) > len(prefix_ids):
-            cached.append(m)
-        else:
-            plain.append(m)
-    if reuse and plain and prefix_ids:
+            continue
+        # at least one token of the context stays out of the cache: it is the input that predicts the answer
+        shared.append((m, min(_common_len(prefix_ids, ctx), len(ctx) - 1) if reuse else 0))
+    # One cache per group: the shortest common length among the members that share at least half
+    # of the longest one (an odd item with a short overlap is scored without the cache).
+    top = max((n for _, n in shared), default=0)
+    keep = [n for _, n in shared if n and 2 * n >= top]
+    p = min(keep, default=0)
+    for m, n in shared:
+        (cached if p and n >= p else plain).append(m)
+    if reuse and prefix_ids:
         stats["prefix_mismatch"] += len(plain)
+        stats["prefix_hits"] += len(cached)
+        stats["prefix_cached_tokens"] += p * len(cached)
     stats["items_left_truncated"] += len(long_)
     out: dict[int, list[float]] = {}
 
@@ -63,7 +87,8 @@ def _score_group(scorer: Scorer, prefix_ids: list[int], members: list, reuse: bo
             return [Row(ctx, [(len(ctx) - 1, c) for c in cs])]
         return [Row(ctx + c[:-1], [(len(ctx) - 1, c)]) for c in cs]
 
-    for batch, prefix in ((cached, prefix_ids), (plain, [])):
+    cache_ids = cached[0][1][:p] if cached else []
+    for batch, prefix in ((cached, cache_ids), (plain, [])):
         rows, owners = [], []
         for i, ctx, cs in batch:
             rs = rows_for(ctx[len(prefix):], cs)
@@ -120,73 +145,108 @@ def _summary(bench: Benchmark, per_subject: dict) -> tuple[dict, dict]:
     return cats, overall
 
 
-def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: str = "lm-eval", shots: int = 5,
-             limit: int | None = None, subjects: list[str] | None = None, split: str | None = None,
-             out_dir=None, batch_size: int = 8, model=None, tokenizer=None, name: str | None = None,
-             chat: bool = False, max_new_tokens: int = 256, reuse_prefix: bool = True, progress=None,
-             keep_predictions: bool = False, subject_map: dict | None = None) -> dict:
-    """Evaluate a model folder (or a loaded `model` + `tokenizer`) on a benchmark folder.
+@dataclass
+class EvalOptions:
+    """How to evaluate (everything but which model and which benchmark folder). `limit` caps items
+    per subject; `subject_map` ({subject: [English, Chinese, category]}) names and places subjects
+    the built-in maps do not know (e.g. the quickstart's)."""
 
-    Returns the results dict (also written as results.json / results.md / categories.png /
-    predictions.jsonl under out_dir when given). `limit` caps items per subject; `progress` is called
-    with a one-line message per subject. `subject_map` ({subject: [English, Chinese, category]})
-    names and places subjects the built-in maps do not know (e.g. the quickstart's).
-    """
-    from geb import __version__
-    from geb.checkpoint import now_iso, read_meta
+    protocol: str = "lm-eval"
+    shots: int = 5
+    limit: int | None = None
+    subjects: list[str] | None = None
+    split: str | None = None
+    batch_size: int = 8
+    chat: bool = False
+    max_new_tokens: int = 256
+    reuse_prefix: bool = True
+    subject_map: dict | None = None
 
-    prompts.check_protocol(protocol)
-    if data_dir is None:
-        raise GebError("no benchmark folder given (--data)")
-    if shots < 0:
-        raise GebError("--shots must be >= 0")
-    if limit is not None and limit <= 0:
-        raise GebError("--limit must be a positive number of items per subject")
-    bench = load_benchmark(benchmark, data_dir, split=split, subjects=subjects, subject_map=subject_map)
-    meta = {}
-    engine = None
+    def check(self) -> None:
+        prompts.check_protocol(self.protocol)
+        if self.shots < 0:
+            raise GebError("--shots must be >= 0")
+        if self.limit is not None and self.limit <= 0:
+            raise GebError("--limit must be a positive number of items per subject")
+
+
+@dataclass
+class Loaded:
+    """A model ready to score: its scorer, tokenizer, folder metadata and engine (quantized folders,
+    or the cot protocol's generator)."""
+
+    scorer: Scorer
+    tokenizer: object
+    meta: dict
+    engine: object | None
+    path: object | None
+
+
+def load(model_dir=None, batch_size: int = 8, model=None, tokenizer=None) -> Loaded:
+    """A model folder (full precision or quantized), or an already loaded `model` + `tokenizer`."""
+    from geb.checkpoint import read_meta
+
     if model is None:
         if model_dir is None:
             raise GebError("no model given (--model)")
         scorer, tokenizer, meta, engine = load_scorer(model_dir, batch_size=batch_size)
-    else:
-        if model_dir is not None:
-            meta = read_meta(model_dir)
-        scorer = Scorer(model, tokenizer, batch_size=batch_size)
-    conts = prompts.continuations(protocol, benchmark)
+        return Loaded(scorer, tokenizer, meta, engine, model_dir)
+    meta = read_meta(model_dir) if model_dir is not None else {}
+    return Loaded(Scorer(model, tokenizer, batch_size=batch_size), tokenizer, meta, None, model_dir)
+
+
+@dataclass
+class Scored:
+    """What `score` measured: per-subject counts, per-item predictions and the run's counters."""
+
+    per_subject: dict
+    predictions: list
+    stats: dict
+    cot_stats: dict
+    dev_short: dict
+    seconds: float
+    items: int
+
+
+def score(m: Loaded, bench: Benchmark, opts: EvalOptions, progress=None) -> Scored:
+    """Score every subject of a loaded benchmark (letter log-likelihoods, or cot generations)."""
+    scorer, tokenizer, benchmark = m.scorer, m.tokenizer, bench.spec.name
+    conts = prompts.continuations(opts.protocol, benchmark)
     tok_conts = [scorer.encode_pair("Answer:", c)[1] for c in conts]
     if len({tuple(c) for c in tok_conts}) < 4 or not all(tok_conts):
         raise GebError(f"the tokenizer does not give the answers {conts} distinct token ids")
-    n_shots = 0 if protocol == "cot" else shots
-    stats = {"items_with_fewer_shots": 0, "shots_dropped": 0, "items_left_truncated": 0, "prefix_mismatch": 0}
+    n_shots = 0 if opts.protocol == "cot" else opts.shots
+    stats = {"items_with_fewer_shots": 0, "shots_dropped": 0, "items_left_truncated": 0, "prefix_mismatch": 0,
+             "prefix_hits": 0, "prefix_cached_tokens": 0}
     cot_stats = {"unanswered": 0}
-    if protocol == "cot" and engine is None:
+    if opts.protocol == "cot" and m.engine is None:
         from geb.infer.engine import Engine
 
-        engine = Engine(scorer.model, tokenizer)
+        m.engine = Engine(scorer.model, tokenizer)
     per_subject: dict[str, dict] = {}
     predictions: list[dict] = []
     dev_short: dict[str, int] = {}
     t0 = time.perf_counter()
     n_items = 0
     for subj in bench.subjects:
-        items = subj.items[:limit] if limit else subj.items
+        items = subj.items[:opts.limit] if opts.limit else subj.items
         shots_list = subj.dev[:n_shots]
         if len(shots_list) < n_shots:
             dev_short[subj.name] = len(shots_list)
         preds: list[str | None]
         extra: list
-        if protocol == "cot":
-            res = _cot_subject(engine, benchmark, subj, items, chat, max_new_tokens, stats)
+        if opts.protocol == "cot":
+            res = _cot_subject(m.engine, benchmark, subj, items, opts.chat, opts.max_new_tokens, stats)
             preds = [r[0] for r in res]
             extra = [{"generation": r[1]} for r in res]
             cot_stats["unanswered"] += sum(p is None for p in preds)
         else:
-            groups = _plan_subject(scorer, protocol, benchmark, subj, shots_list, items, conts, stats)
+            groups = _plan_subject(scorer, opts.protocol, benchmark, subj, shots_list, items, conts, stats)
             lps: dict[int, list[float]] = {}
             for k, members in groups.items():
-                prefix_text = prompts.context(protocol, benchmark, subj, shots_list[len(shots_list) - k:], items[0])[0]
-                lps.update(_score_group(scorer, tokenizer.encode(prefix_text), members, reuse_prefix, stats))
+                prefix_text = prompts.context(opts.protocol, benchmark, subj, shots_list[len(shots_list) - k:],
+                                              items[0])[0]
+                lps.update(_score_group(scorer, tokenizer.encode(prefix_text), members, opts.reuse_prefix, stats))
             preds = [LETTERS[max(range(4), key=lambda j: lps[i][j])] for i in range(len(items))]
             extra = [{"logprobs": lps[i]} for i in range(len(items))]
         correct = sum(p == it.answer for p, it in zip(preds, items))
@@ -198,12 +258,14 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: 
             predictions.append({"subject": subj.name, "id": it.id, "answer": it.answer, "pred": p, **ex})
         if progress:
             progress(f"{subj.name}: {correct}/{len(items)} = {correct / len(items):.3f}")
-    seconds = time.perf_counter() - t0
-    cats, overall = _summary(bench, per_subject)
-    notes = []
+    return Scored(per_subject, predictions, stats, cot_stats, dev_short, time.perf_counter() - t0, n_items)
+
+
+def _notes(bench: Benchmark, s: Scored, opts: EvalOptions, context: int) -> list[str]:
+    stats, notes = s.stats, []
     if stats["items_with_fewer_shots"]:
         notes.append(f"{stats['items_with_fewer_shots']} prompt(s) were longer than the model's context "
-                     f"({scorer.max_len} tokens): their oldest shots were dropped ({stats['shots_dropped']} in all)")
+                     f"({context} tokens): their oldest shots were dropped ({stats['shots_dropped']} in all)")
     if stats["items_left_truncated"]:
         notes.append(f"{stats['items_left_truncated']} prompt(s) did not fit even without shots "
                      "and were cut from the left")
@@ -211,37 +273,74 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, protocol: 
         notes.append(f"{len(bench.skipped)} malformed row(s) skipped (first: {bench.skipped[0]})")
     if bench.empty_subjects:
         notes.append(f"empty subject(s) left out: {', '.join(bench.empty_subjects)}")
-    if dev_short:
-        notes.append("fewer dev rows than --shots in: " + ", ".join(f"{k} ({v})" for k, v in dev_short.items()))
-    if protocol == "cot" and shots:
+    if s.dev_short:
+        notes.append("fewer dev rows than --shots in: " + ", ".join(f"{k} ({v})" for k, v in s.dev_short.items()))
+    if opts.protocol == "cot" and opts.shots:
         notes.append("the cot protocol is zero-shot: --shots was not used")
-    model_path = str(model_dir) if model_dir is not None else None
+    return notes
+
+
+def report(m: Loaded, bench: Benchmark, opts: EvalOptions, s: Scored, name: str | None = None) -> dict:
+    """The results dict (what results.json holds) of a scored run."""
+    from geb import __version__
+    from geb.checkpoint import now_iso
+
+    scorer, stats = m.scorer, s.stats
+    cats, overall = _summary(bench, s.per_subject)
+    hits, misses = stats["prefix_hits"], stats["prefix_mismatch"]
     results = {
-        "benchmark": benchmark, "benchmark_title": bench.spec.title, "split": bench.split,
-        "protocol": protocol, "shots": n_shots, "limit": limit, "chat": chat if protocol == "cot" else False,
-        "model": {"path": model_path, "name": name or (Path(model_dir).name if model_dir else "model"),
-                  "stage": meta.get("stage"), "parameters": scorer.cfg.num_params(), "tokenizer_hash": tokenizer.hash(),
-                  "context": scorer.max_len,
-                  "format": engine.format if engine is not None and scorer.model is None else "fp32"},
-        "data": {"dir": str(bench.root), "hash": bench.data_hash, "subjects": len(per_subject)},
+        "benchmark": bench.spec.name, "benchmark_title": bench.spec.title, "split": bench.split,
+        "protocol": opts.protocol, "shots": 0 if opts.protocol == "cot" else opts.shots, "limit": opts.limit,
+        "chat": opts.chat if opts.protocol == "cot" else False,
+        "model": {"path": str(m.path) if m.path is not None else None,
+                  "name": name or (Path(m.path).name if m.path else "model"),
+                  "stage": m.meta.get("stage"), "parameters": scorer.cfg.num_params(),
+                  "tokenizer_hash": m.tokenizer.hash(), "context": scorer.max_len,
+                  "format": m.engine.format if m.engine is not None and scorer.model is None else "fp32"},
+        "data": {"dir": str(bench.root), "hash": bench.data_hash, "subjects": len(s.per_subject)},
         "date": now_iso(), "geb_version": __version__,
         "headline": {"metric": HEADLINE, "accuracy": overall[HEADLINE]},
-        "overall": overall, "categories": cats, "subjects": per_subject,
+        "overall": overall, "categories": cats, "subjects": s.per_subject,
         "skipped": {"malformed_rows": len(bench.skipped), "rows": bench.skipped[:50],
                     "empty_subjects": bench.empty_subjects},
         "truncation": {k: stats[k] for k in ("items_with_fewer_shots", "shots_dropped", "items_left_truncated")},
-        "dev_shortfall": dev_short, "notes": notes,
-        "speed": {"seconds": round(seconds, 3), "items": n_items, "items_per_s": round(n_items / max(seconds, 1e-9), 2),
+        "dev_shortfall": s.dev_short, "notes": _notes(bench, s, opts, scorer.max_len),
+        "speed": {"seconds": round(s.seconds, 3), "items": s.items,
+                  "items_per_s": round(s.items / max(s.seconds, 1e-9), 2),
                   "batch_size": scorer.batch_size, "prefix_forwards": scorer.prefix_forwards,
-                  "prefix_reuse": bool(reuse_prefix and protocol != "cot"),
-                  "prefix_mismatch": stats["prefix_mismatch"]},
+                  "prefix_reuse": bool(opts.reuse_prefix and opts.protocol != "cot"),
+                  "prefix_mismatch": misses, "prefix_hits": hits,
+                  "prefix_hit_rate": round(hits / max(hits + misses, 1), 4),
+                  "prefix_cached_tokens": stats["prefix_cached_tokens"]},
     }
-    if protocol == "cot":
-        results["cot"] = {**cot_stats, "max_new_tokens": max_new_tokens}
+    if opts.protocol == "cot":
+        results["cot"] = {**s.cot_stats, "max_new_tokens": opts.max_new_tokens}
+    return results
+
+
+def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, options: EvalOptions | None = None, *,
+             model=None, tokenizer=None, out_dir=None, name: str | None = None, progress=None,
+             keep_predictions: bool = False, **option_fields) -> dict:
+    """load → score → report for a model folder (or a loaded `model` + `tokenizer`) on a benchmark
+    folder. Options come as an `EvalOptions` or as its fields by keyword (`shots=5`, ...).
+
+    Returns the results dict (also written as results.json / results.md / categories.png /
+    predictions.jsonl under out_dir when given); `progress` is called with a line per subject.
+    """
+    opts = options or EvalOptions(**option_fields)
+    if options is not None and option_fields:
+        raise GebError(f"give options either as EvalOptions or as keywords, not both ({sorted(option_fields)})")
+    opts.check()
+    if data_dir is None:
+        raise GebError("no benchmark folder given (--data)")
+    bench = load_benchmark(benchmark, data_dir, split=opts.split, subjects=opts.subjects, subject_map=opts.subject_map)
+    m = load(model_dir, opts.batch_size, model, tokenizer)
+    s = score(m, bench, opts, progress)
+    results = report(m, bench, opts, s, name)
     if out_dir is not None:
-        write_run(results, predictions, out_dir)
+        write_run(results, s.predictions, out_dir)
     if keep_predictions:
-        results["predictions"] = predictions
+        results["predictions"] = s.predictions
     return results
 
 

@@ -195,40 +195,62 @@ class Scorer:
 
 
 class RuntimeScorer(Scorer):
-    """Scoring through the inference engine (for quantized folders, which have no GEB module): one
-    sequence at a time over the engine's full logits, the prefix recomputed for every row."""
+    """Scoring through the CPU runtime (quantized folders, which have no GEB module; the quantization
+    report). A shared prefix (the k-shot shots) is prefilled once into slot 0 of a runtime cache and
+    each row continues it in slot 1, whose prefix positions stay valid from row to row; a row whose
+    targets all sit on its last position (the MCQ letter case) runs the output layer on that position
+    only instead of on every position. Rows still go one at a time: the runtime has no batched prefill."""
 
-    def __init__(self, engine, max_len: int | None = None):
-        self.engine = engine
+    def __init__(self, source, max_len: int | None = None, tok=None):
+        self.rt = getattr(source, "rt", source)  # an Engine (its runtime) or a Runtime
         self.model = None
-        self.tok = engine.tok
-        self.cfg = engine.cfg
+        self.tok = tok if tok is not None else source.tok
+        self.cfg = self.rt.cfg
         self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
         self.batch_size = 1
         self.n_vocab = self.tok.vocab_size
         self.device = torch.device("cpu")
         self.prefix_forwards = 0
 
-    def _seq_log_probs(self, ids: list[int]) -> torch.Tensor:
-        logits = self.engine.logits(ids).float()
+    def _masked_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
         if self.n_vocab < logits.shape[-1]:
-            logits[:, self.n_vocab:] = float("-inf")
+            logits[..., self.n_vocab:] = float("-inf")
         return torch.log_softmax(logits, dim=-1)
+
+    def _seq_log_probs(self, ids: list[int]) -> torch.Tensor:
+        with self.rt.threads_scope():
+            return self._masked_log_probs(self.rt.forward_logits(ids))
 
     @torch.inference_mode()
     def score_rows(self, rows: list[Row], prefix: list[int] | None = None) -> list[list[tuple[float, bool]]]:
+        from geb.infer.runtime import SlotCache
+
         prefix = prefix or []
-        out = []
-        for r in rows:
-            if len(prefix) + len(r.ids) > self.max_len:
-                raise GebError(f"internal: {len(prefix)} + {len(r.ids)} tokens exceed the context {self.max_len}")
-            lp = self._seq_log_probs(prefix + r.ids)
-            res = []
-            for pos, toks in r.targets:
-                rows_lp = lp[len(prefix) + pos : len(prefix) + pos + len(toks)]
-                t = torch.tensor(toks)
-                res.append((float(rows_lp.gather(1, t[:, None]).sum()), bool((rows_lp.argmax(-1) == t).all())))
-            out.append(res)
+        out: list[list[tuple[float, bool]]] = []
+        if not rows:
+            return out
+        p = len(prefix)
+        longest = max(len(r.ids) for r in rows)
+        if p + longest > self.max_len:
+            raise GebError(f"internal: {p} + {longest} tokens exceed the context {self.max_len}")
+        cache = SlotCache(self.cfg, 1, p + longest)
+        with self.rt.threads_scope():
+            if prefix:
+                self.rt.prefill(prefix, cache, 0)
+                self.prefix_forwards += 1
+            for r in rows:
+                cache.lengths[0] = p  # positions past the prefix are overwritten by this row
+                last = len(r.ids) - 1
+                only_last = all(pos == last and len(toks) == 1 for pos, toks in r.targets)
+                logits = self.rt.prefill(r.ids, cache, 0, all_logits=not only_last)
+                lp = self._masked_log_probs(logits.view(1 if only_last else len(r.ids), -1))
+                res = []
+                for pos, toks in r.targets:
+                    rows_lp = lp[-1:] if only_last else lp[pos: pos + len(toks)]
+                    t = torch.tensor(toks)
+                    res.append((float(rows_lp.gather(1, t[:, None]).sum()), bool((rows_lp.argmax(-1) == t).all())))
+                out.append(res)
         return out
 
     @torch.inference_mode()
@@ -244,6 +266,13 @@ class RuntimeScorer(Scorer):
             total += float(lp.gather(1, torch.tensor(ids[k:end])[:, None]).sum())
             k = end
         return total, n
+
+
+def perplexity_of(scorer: Scorer, ids: list[int], stride: int | None = None) -> float:
+    """exp(mean negative log-likelihood) of a document under any scorer (model or runtime): the one
+    perplexity every caller shares (evaluation, the quantization report, the data filter)."""
+    logprob, n = scorer.rolling(ids, stride=stride)
+    return math.exp(-logprob / max(n, 1))
 
 
 def is_quantized(folder) -> bool:

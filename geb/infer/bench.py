@@ -329,20 +329,12 @@ def machine_info() -> dict:
 
 
 # -- quality and the quickstart's report ----------------------------------------------------------
-def perplexity(rt: Runtime, ids: list[int], window: int | None = None) -> float:
-    """Perplexity of `ids` under the runtime, in consecutive windows of at most `window` tokens."""
-    window = min(window or rt.cfg.max_seq_len, rt.cfg.max_seq_len)
-    nll, count = 0.0, 0
-    with rt.threads_scope():
-        for i in range(0, len(ids) - 1, window):
-            chunk = ids[i : i + window + 1]
-            if len(chunk) < 2:
-                break
-            logits = rt.forward_logits(chunk[:-1])
-            tgt = torch.tensor(chunk[1:])
-            nll += float(torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum"))
-            count += tgt.numel()
-    return math.exp(nll / max(count, 1))
+def perplexity(rt: Runtime, ids: list[int], tok, window: int | None = None) -> float:
+    """Perplexity of `ids` under the runtime (the first token predicted from the tokenizer's
+    end-of-document id), in windows of at most `window` tokens: geb.eval.scoring's one scorer."""
+    from geb.eval.scoring import RuntimeScorer, perplexity_of
+
+    return perplexity_of(RuntimeScorer(rt, max_len=window, tok=tok), ids)
 
 
 def quick_report(model_dir, formats=("fp32", "bf16", "int8", "int4"), prompt_len: int = 64, new_tokens: int = 32,
@@ -365,7 +357,7 @@ def quick_report(model_dir, formats=("fp32", "bf16", "int8", "int4"), prompt_len
         r = bench_runtime(rt, plen, new_tokens)
         row = {k: r[k] for k in ("prefill_tok_s", "decode_tok_s", "decode_at_depth_tok_s", "ttft_s", "weight_bytes")}
         if text:
-            ppl = perplexity(rt, tok.encode(text))
+            ppl = perplexity(rt, tok.encode(text), tok)
             row["perplexity"] = ppl
             if fmt == "fp32":
                 base_ppl = ppl
