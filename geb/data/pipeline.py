@@ -93,6 +93,12 @@ def _reader(folder: Path):
                       compression=None)
 
 
+def minhash_hash_config() -> dict:
+    """The shingle hash of the dedup stages (bench/near_dup.py measures with the same one)."""
+    # sha1, not datatrove's default xxhash: xxhash ≥ 4 no longer hashes str, which datatrove passes it
+    return {"precision": 64, "hash_fc": "sha1"}
+
+
 def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, files: list[str],
                  tasks: int | None = None) -> list[Stage]:
     """The pipeline's datatrove stages, in order, for any executor.
@@ -127,8 +133,7 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
     stages = [Stage("clean", [*steps, timed(_writer(clean_out), "write clean")], tasks, str(clean_out))]
     prev = clean_out
     tok = BilingualWordTokenizer()
-    # sha1, not datatrove's default xxhash: xxhash ≥ 4 no longer hashes str, which datatrove passes it
-    hashing = HashConfig(precision=64, hash_fc="sha1")
+    hashing = HashConfig(**minhash_hash_config())
 
     def signatures(step, label):
         """A signature step reads what the stage before wrote: it runs at the end of that stage (the
@@ -144,7 +149,8 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
         index_dir = mh["index_dir"] or None
         index_name = (mh["index_name"] or Path(output_dir).resolve().name) if index_dir else None
         out = base / "out"
-        signatures(MinhashDedupSignature(str(base / "sigs"), cfg, language=tok), "minhash signatures")
+        signatures(MinhashDedupSignature(str(base / "sigs"), cfg, language=BilingualWordTokenizer(mh["unit"])),
+                   "minhash signatures")
         stages += [
             Stage("minhash_buckets", [timed(MinhashDedupBuckets(str(base / "sigs"), str(base / "buckets"), index_folder=index_dir,
                                                                 config=cfg, only_dedup_in_index=False,

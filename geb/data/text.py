@@ -15,6 +15,8 @@ from functools import lru_cache
 
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from geb.errors import GebError
+
 # CJK ideographs (basic, extension A, compatibility) and the supplementary planes' extensions.
 CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 CJK_RE = re.compile(f"[{CJK}]")
@@ -189,10 +191,17 @@ class BilingualWordTokenizer(WordTokenizer):
     `split_sentences` (Chinese and ASCII terminals, newlines).
     """
 
-    def __init__(self):
+    def __init__(self, unit: str = "words"):
+        if unit not in ("words", "chars"):
+            raise GebError(f"minhash shingle unit must be 'words' or 'chars' (got {unit!r})")
         super().__init__("zh+en")
+        self.unit = unit
 
     def word_tokenize(self, text: str) -> list[str]:
+        if self.unit == "chars":
+            # every character but spaces, for Latin text too: one edited letter then changes n shingles,
+            # not the n word n-grams around it, which is what keeps short English copies above the threshold
+            return [c for c in text if not c.isspace()]
         return units(text)
 
     def sent_tokenize(self, text: str) -> list[str]:
@@ -203,7 +212,7 @@ class BilingualWordTokenizer(WordTokenizer):
 
     # one instance per process is enough; equality by type keeps datatrove's lru_cache keyed sanely
     def __eq__(self, other):
-        return type(other) is type(self)
+        return type(other) is type(self) and other.unit == self.unit
 
     def __hash__(self):
-        return hash(type(self).__name__)
+        return hash((type(self).__name__, self.unit))
