@@ -27,7 +27,7 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
-from geb.checkpoint import META, TRAIN_STATE, load_train_state
+from geb.checkpoint import META, TRAIN_STATE, check_destination, load_train_state
 from geb.errors import GebError
 from geb.train import dist, perf
 from geb.train.stability import Stability, resolve
@@ -289,6 +289,8 @@ def train(model, task: Task, c: TrainConfig, out_dir: str | Path, tokenizer, met
                 "device": str(device), "dtype_resolved": dtype_name(amp_dtype), "dtype_reason": dtype_reason}
     live = out_dir / "metrics.jsonl"
     if env.main:
+        if not resume:  # before the first file lands in it: a folder geb did not write is refused, kept whole
+            check_destination(out_dir, "model")
         out_dir.mkdir(parents=True, exist_ok=True)
         # The live log restarts from what the checkpoint recorded: lines a killed run appended after its
         # last save would otherwise appear twice.
