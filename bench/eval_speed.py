@@ -4,7 +4,7 @@ Random-weight models in the geb-tiny / geb-small shapes (speed does not depend o
 learned) and a byte-level BPE trained on the benchmark's own dev questions (so prompt lengths are
 realistic); runs alternate between settings so that a neighbour's load hits both alike.
 
-    python bench/eval_speed.py --data ../shared/data/cmmlu --benchmark cmmlu --out bench/eval_speed.json
+    python bench/eval_speed.py --data ../shared/data/cmmlu --benchmark cmmlu --out bench/results/eval_speed.json
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/eval_speed.json")
+    ap.add_argument("--out", default="bench/results/eval_speed.json")
     args = ap.parse_args()
 
     from geb.checkpoint import save_checkpoint
@@ -78,7 +78,12 @@ def main() -> None:
             base = next(x for x in rows if x["model"] == preset and x["setting"] == "no prefix cache, batch 8")
             cached = next(x for x in rows if x["model"] == preset and x["setting"] == "prefix cache, batch 8")
             print(f"{preset:10s} prefix-cache speed-up: {cached['items_per_s'] / base['items_per_s']:.2f}x")
+    import os
+
+    from geb.cpu import describe
+
     out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+           "cpu": describe(), "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
            "torch": torch.__version__, "threads": args.threads, "benchmark": args.benchmark, "shots": args.shots,
            "subjects": subjects, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 # -- destinations ------------------------------------------------------------------------------------
 KINDS = {"model": "geb model folder", "tokens": "geb token folder", "data": "geb data-run folder",
-         "hf": "geb Hugging Face export folder", "gguf": "GGUF file"}
+         "hf": "geb Hugging Face export folder", "gguf": "GGUF file", "eval": "geb evaluation run folder"}
 # what a training run writes into --out before its first checkpoint (a run killed that early)
 _RUN_LOGS = {"metrics.jsonl", "loss.png"}
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)$")
@@ -75,6 +75,10 @@ def artifact_kind(path: str | Path) -> str | None:
         return "model"
     if _json_obj(p / CONFIG).get("stage") == "data" or (p / "work" / "run.json").is_file():
         return "data"
+    # evaluation runs written before they carried the marker (geb eval mcq / toxicity)
+    if ((p / "results.json").is_file() and (p / "predictions.jsonl").is_file()) or \
+            ((p / "toxicity.json").is_file() and (p / "samples.jsonl").is_file()):
+        return "eval"
     names = {c.name for c in p.iterdir() if not c.name.startswith(".")}
     if names and names <= _RUN_LOGS:
         return "model"

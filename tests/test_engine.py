@@ -48,6 +48,23 @@ def test_top_p_keeps_the_nucleus_only():
     assert seen == {0, 1}
 
 
+@pytest.mark.parametrize("temperature, penalty", [(1e-6, 1.0), (1e-38, 1.0), (1e-45, 1.0), (1.0, 1e-38), (1e-30, 1e-30)])
+def test_a_tiny_temperature_or_penalty_samples_the_top_token_not_nan(temperature, penalty):
+    # logits of a real model's size: divided by 1e-38 they would overflow float32 (max 3.4e38)
+    logits = torch.tensor([[12.0, 30.0, -5.0, 29.5, 0.0], [3.0, -1.0, 40.0, 39.0, 2.0]])
+    seen = torch.tensor([[1, 3], [2, 3]])  # the penalty acts on the top two of each row
+    pen = apply_repetition_penalty(logits, seen, penalty)
+    # the top token(s): a penalty of 1e-38 lifts both seen logits of a row to the largest float (a tie)
+    top = [set((row == row.max()).nonzero().flatten().tolist()) for row in pen]
+    for top_k, top_p in ((0, 1.0), (5, 0.5)):
+        p = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            ids = sample_next(logits, p, seen, generator=g).tolist()
+            assert all(i in t for i, t in zip(ids, top)), (ids, top)
+    assert torch.isfinite(pen).all()
+
+
 def test_repetition_penalty():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     out = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)

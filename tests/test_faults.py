@@ -100,6 +100,42 @@ def test_a_folder_geb_did_not_write_is_refused_and_kept(name, tmp_path, capsys, 
     assert _untouched(out)
 
 
+def test_evaluation_writers_refuse_a_folder_geb_did_not_write(tmp_path):
+    from geb.eval.mcq import write_run
+    from geb.eval.toxicity import write_toxicity
+
+    results = {"model": {"name": "m"}, "benchmark": "mmlu", "overall": {"n": 0}}
+    out = _precious(tmp_path / "mine")
+    with pytest.raises(GebError, match="not a geb evaluation run folder"):
+        write_run(results, [], out)
+    assert _untouched(out)
+    with pytest.raises(GebError, match="not a geb evaluation run folder"):
+        write_toxicity({}, [], out)
+    assert _untouched(out)
+
+
+def test_an_evaluation_run_is_replaced_even_one_written_before_the_marker(tmp_path):
+    old = tmp_path / "run"
+    old.mkdir()
+    (old / "results.json").write_text('{"old": true}')
+    assert artifact_kind(old) is None  # results.json alone is not taken for a run
+    (old / "predictions.jsonl").write_text("")
+    assert artifact_kind(old) == "eval"
+    with AtomicFolder(old, kind="eval") as tmp:  # what write_run and write_toxicity do
+        (tmp / "results.json").write_text('{"new": true}')
+    assert json.loads((old / "results.json").read_text()) == {"new": True}
+    assert not (old / "predictions.jsonl").exists() and artifact_kind(old) == "eval"
+
+
+def test_eval_mcq_cli_refuses_before_evaluating(tmp_path, capsys, tiny_model_dir):
+    out = _precious(tmp_path / "mine")
+    rc, err = _geb(capsys, "eval", "mcq", "--benchmark", "mmlu", "--data", tmp_path / "no-such-benchmark",
+                   "--model", tiny_model_dir, "--out", out)
+    # refused for the destination, not for the missing benchmark folder: the check comes first
+    assert rc == 2 and "is not a geb evaluation run folder" in err and "--force" in err, err
+    assert _untouched(out)
+
+
 def test_a_file_that_is_not_gguf_is_refused(tmp_path, capsys, tiny_model_dir):
     f = tmp_path / "model.gguf"
     f.write_text("my notes, not a model")

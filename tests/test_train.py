@@ -67,6 +67,16 @@ def test_refuses_to_overwrite_and_bad_data(tmp_path, tokens_dir):
         run_pretrain(tokens_dir, tmp_path / "e", preset="geb-test", train_config=_cfg(steps=2), seq_len=100000, quiet=True)
 
 
+def test_the_training_loop_itself_refuses_a_folder_geb_did_not_write(tmp_path, tokens_dir):
+    # the library call, without the CLI's claim_output in front of it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(GebError, match="not a geb model folder"):
+        run_pretrain(tokens_dir, tmp_path / "mine", preset="geb-test", train_config=_cfg(steps=2), seq_len=32, quiet=True)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
 def test_too_little_data(tmp_path, tokenizer):
     tokenizer.save(tmp_path / "tok")
     pack_texts(["tiny", "doc"], tokenizer, tmp_path / "d", val_fraction=0.5, tokenizer_dir=tmp_path / "tok")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from geb.commands.common import add_threads, apply_threads
+from geb.commands.common import add_force, add_threads, apply_threads, claim_output
 
 
 def configure(p) -> None:
@@ -31,6 +31,7 @@ def configure(p) -> None:
     m.add_argument("--max-new-tokens", type=int, default=256, help="cot only: generation budget")
     m.add_argument("--no-prefix-cache", action="store_true", help="recompute the k-shot prefix for every question")
     add_threads(m)
+    add_force(m)
 
     q = sub.add_parser("ppl", help="perplexity and bits per byte on a text file or token folder")
     q.add_argument("--model", required=True)
@@ -57,6 +58,7 @@ def configure(p) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="run folder (default: eval-runs/<model>-toxigen)")
     add_threads(t)
+    add_force(t)
 
     c = sub.add_parser("compare", help="print and plot several mcq runs side by side")
     c.add_argument("runs", nargs="+", help="run folders (or results.json files)")
@@ -87,6 +89,7 @@ def run(args) -> int:
 
         apply_threads(args)
         out = args.out or _default_out(args.model, args.benchmark, args.protocol)
+        claim_output(out, "eval", args.force)  # before the evaluation, not after it
         r = evaluate(args.model, args.benchmark, args.data, protocol=args.protocol, shots=args.shots,
                      limit=args.limit, subjects=_list(args.subjects), split=args.split, out_dir=out,
                      batch_size=args.batch_size, name=args.name, chat=args.chat, max_new_tokens=args.max_new_tokens,
@@ -114,6 +117,7 @@ def run(args) -> int:
 
         apply_threads(args)
         out = args.out or _default_out(args.model, "toxigen", args.kind)
+        claim_output(out, "eval", args.force)
         r = toxicity(args.model, args.prompts, kind=args.kind, groups=_list(args.groups), limit=args.limit,
                      classifier=args.classifier, toxic_label=args.toxic_label, threshold=args.threshold,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

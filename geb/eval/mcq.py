@@ -351,7 +351,7 @@ def write_run(results: dict, predictions: list[dict], out_dir) -> Path:
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with AtomicFolder(out) as tmp:
+    with AtomicFolder(out, kind="eval") as tmp:  # a folder geb did not write is refused
         (tmp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "results.md").write_text(report.run_markdown(results), encoding="utf-8")
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:

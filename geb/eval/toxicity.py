@@ -245,7 +245,7 @@ def write_toxicity(res: dict, samples: list[dict], out_dir) -> Path:
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with AtomicFolder(out) as tmp:
+    with AtomicFolder(out, kind="eval") as tmp:  # a folder geb did not write is refused
         (tmp / "toxicity.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "toxicity.md").write_text(toxicity_markdown([res]), encoding="utf-8")
         with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:

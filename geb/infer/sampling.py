@@ -48,7 +48,10 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, pe
     logits = logits.clone()
     sel = logits.gather(-1, seen)
     sel = torch.where(sel > 0, sel / penalty, sel * penalty)
-    return logits.scatter(-1, seen, sel)
+    # a tiny penalty divides a positive logit past the float range: keep it the largest finite value
+    # (an inf would become NaN when the sampler subtracts the maximum)
+    big = torch.finfo(sel.dtype).max
+    return logits.scatter(-1, seen, sel.clamp(-big, big))
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None,
@@ -57,7 +60,9 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | No
     logits = apply_repetition_penalty(logits.float(), seen, p.repetition_penalty)
     if p.greedy:
         return logits.argmax(-1)
-    logits = logits / p.temperature
+    # Shift so the largest logit is 0 before dividing: every value is then <= 0, so a tiny temperature
+    # can only push the others towards -inf (probability 0), never overflow to +inf and give NaN.
+    logits = (logits - logits.amax(-1, keepdim=True)) / p.temperature
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

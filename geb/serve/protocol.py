@@ -25,8 +25,8 @@ from geb.infer.sampling import SamplingParams
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 16
 SEED_MAX = 2**64 - 1  # torch.Generator's seed range (unsigned 64 bits); the n choices wrap around it
-# Below these the sampler's float32 logits overflow (measured: temperature or penalty 1e-38 gives NaN
-# probabilities); far below any useful setting, and temperature 0 is greedy decoding.
+# Floors far below any useful setting (temperature 0 is greedy decoding): a client asking for less has
+# made a mistake worth a 400. The sampler itself is safe at any positive value (geb/infer/sampling.py).
 MIN_TEMPERATURE = MIN_REPETITION_PENALTY = 1e-6
 MAX_JSON_DEPTH = 64  # nesting levels of a request body (a chat request needs 5)
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" escapes decode to these; UTF-8 cannot hold them

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Protocol
 import torch
 
 from geb.common import atomic_write
-from geb.checkpoint import META, TRAIN_STATE, load_train_state
+from geb.checkpoint import META, TRAIN_STATE, check_destination, load_train_state
 from geb.errors import GebError
 from geb.train import dist, perf
 from geb.train.stability import Stability, resolve
@@ -344,6 +344,8 @@ class _Run:
             if (out_dir / META).exists():
                 raise GebError(f"{out_dir}: already holds a checkpoint; use --resume to continue it or choose "
                                "another --out")
+            if self.env.main:  # before the first file lands in it: a folder geb did not write is refused, kept whole
+                check_destination(out_dir, "model")
             return
         dist.recover_folder(out_dir)
         st = load_train_state(out_dir)
