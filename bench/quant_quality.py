@@ -111,7 +111,7 @@ def main(argv=None) -> int:
 
     import llama_cpp
 
-    from geb.export.gguf import export_gguf
+    from geb.interop.gguf import export_gguf
     from geb.infer.weights import load_runtime, quantize_folder
 
     torch.set_num_threads(a.threads)

@@ -59,7 +59,7 @@ def render(template: str, text: str, bos: str = "", eos: str = "") -> str:
 
 def prepare(work: Path) -> tuple[Path, Path, str]:
     """(geb folder imported from the package's Q4_1 GGUF, its F32 GGUF re-export, the chat template)."""
-    from geb.export.gguf import export_gguf, import_gguf, read_gguf
+    from geb.interop.gguf import export_gguf, import_gguf, read_gguf
 
     src = packaged_gguf()
     if src is None:

@@ -30,7 +30,7 @@ def _refused(fn, src, out, *patterns):
 
 @pytest.fixture(scope="module")
 def q8_gguf(tmp_path_factory, tiny_model_dir):
-    from geb.export.gguf import export_gguf
+    from geb.interop.gguf import export_gguf
 
     path = tmp_path_factory.mktemp("bad") / "m.gguf"
     export_gguf(tiny_model_dir, path, "q8_0")
@@ -38,7 +38,7 @@ def q8_gguf(tmp_path_factory, tiny_model_dir):
 
 
 def test_gguf_of_another_architecture(tmp_path, q8_gguf):
-    from geb.export.gguf import import_gguf
+    from geb.interop.gguf import import_gguf
 
     data = q8_gguf.read_bytes()
     key = b"general.architecture"
@@ -50,7 +50,7 @@ def test_gguf_of_another_architecture(tmp_path, q8_gguf):
 
 
 def test_gguf_with_an_unsupported_tensor_type(tmp_path, q8_gguf):
-    from geb.export.gguf import import_gguf
+    from geb.interop.gguf import import_gguf
 
     path = tmp_path / "q81.gguf"
     path.write_bytes(q8_gguf.read_bytes())
@@ -63,7 +63,7 @@ def test_gguf_with_an_unsupported_tensor_type(tmp_path, q8_gguf):
 
 
 def test_truncated_gguf(tmp_path, q8_gguf):
-    from geb.export.gguf import import_gguf
+    from geb.interop.gguf import import_gguf
 
     data = q8_gguf.read_bytes()
     for cut in (len(data) - 64, len(data) // 2, 100):  # inside the last tensor, in the middle, in the header
@@ -82,7 +82,7 @@ def _hf(tmp_path, tokenizer, vocab=512):
 
 
 def test_hf_config_and_weights_disagree(tmp_path, tokenizer):
-    from geb.export.hf import import_hf
+    from geb.interop.hf import import_hf
 
     folder = _hf(tmp_path, tokenizer)
     cfg = json.loads((folder / "config.json").read_text())
@@ -96,7 +96,7 @@ def test_hf_config_and_weights_disagree(tmp_path, tokenizer):
 
 
 def test_tokenizer_larger_than_the_embedding(tmp_path, tokenizer):
-    from geb.export.hf import import_hf
+    from geb.interop.hf import import_hf
 
     assert tokenizer.vocab_size > 256
     folder = _hf(tmp_path, tokenizer, vocab=256)

@@ -62,7 +62,7 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module")
 def f32_gguf(tmp_path_factory, tokenizer, tiny_cfg):
-    from geb.export.gguf import export_gguf
+    from geb.interop.gguf import export_gguf
 
     tmp = tmp_path_factory.mktemp("gguf")
     model = _model(tmp / "m", tokenizer, tiny_cfg, 256)
@@ -73,7 +73,7 @@ def f32_gguf(tmp_path_factory, tokenizer, tiny_cfg):
 @pytest.mark.parametrize("ftype", list(K_TYPES))
 def test_llama_cpp_types_import(tmp_path, tokenizer, f32_gguf, ftype):
     from geb.checkpoint import load_model
-    from geb.export.gguf import import_gguf
+    from geb.interop.gguf import import_gguf
 
     ref, src = f32_gguf
     want, bound = K_TYPES[ftype]
@@ -101,7 +101,7 @@ def test_llama_cpp_types_import(tmp_path, tokenizer, f32_gguf, ftype):
 @pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"])
 def test_k_quant_fallbacks_for_rows_not_a_multiple_of_256(tmp_path, tokenizer, tiny_cfg, ftype):
     from geb.checkpoint import load_model
-    from geb.export.gguf import export_gguf, import_gguf
+    from geb.interop.gguf import export_gguf, import_gguf
 
     ref = _model(tmp_path / "m", tokenizer, tiny_cfg, 96)
     export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
@@ -120,7 +120,7 @@ def test_k_quant_fallbacks_for_rows_not_a_multiple_of_256(tmp_path, tokenizer, t
 
 def test_qkv_biases_round_trip_through_gguf_and_run_in_llama_cpp(tmp_path, tokenizer, tiny_cfg):
     from geb.checkpoint import load_model
-    from geb.export.gguf import export_gguf, import_gguf
+    from geb.interop.gguf import export_gguf, import_gguf
 
     ref = _model(tmp_path / "m", tokenizer, tiny_cfg, 64, bias=True)
     export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")

@@ -56,7 +56,7 @@ def _greedy(step, ids: list[int], n: int) -> list[int]:
                                                ("qwen2", False, "40KB")])
 def test_family_matches_transformers(tmp_path, tokenizer, family, tied, shard):
     from geb.checkpoint import load_model
-    from geb.export.hf import import_hf
+    from geb.interop.hf import import_hf
 
     hf, folder = _hf_model(tmp_path, tokenizer, family, tied=tied, shard=shard)
     if shard:
@@ -75,7 +75,7 @@ def test_family_matches_transformers(tmp_path, tokenizer, family, tied, shard):
 
 def test_qwen2_biases_survive_hf_export(tmp_path, tokenizer):
     from geb.checkpoint import load_model
-    from geb.export.hf import export_hf, import_hf
+    from geb.interop.hf import export_hf, import_hf
 
     hf, folder = _hf_model(tmp_path, tokenizer, "qwen2")
     import_hf(folder, tmp_path / "geb")
@@ -91,7 +91,7 @@ def test_qwen2_biases_survive_hf_export(tmp_path, tokenizer):
 
 
 def test_unsupported_architecture_and_o_proj_bias_are_named(tmp_path, tokenizer):
-    from geb.export.hf import import_hf
+    from geb.interop.hf import import_hf
 
     _, folder = _hf_model(tmp_path, tokenizer, "llama")
     cfg = json.loads((folder / "config.json").read_text())
