@@ -151,7 +151,7 @@ def test_perplexity_per_format_close_to_fp32(tiny_model_dir):
     ppl = {}
     for fmt in ("fp32", "int8", "int4"):
         rt, tok, _ = load_runtime(tiny_model_dir, fmt)
-        ppl[fmt] = perplexity(rt, tok.encode(text), window=32)
+        ppl[fmt] = perplexity(rt, tok.encode(text), tok, window=32)
     # a random model's perplexity is near the vocabulary size; formats move it by little
     assert 100 < ppl["fp32"] < 2000
     assert abs(ppl["int8"] / ppl["fp32"] - 1) < 0.01
