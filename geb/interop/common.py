@@ -93,6 +93,23 @@ def read_json(path: Path, what: str) -> dict:
 # geb's "half" layout pairs dims (i, i + R/2) of each head's first R rotary dims (Hugging Face Llama);
 # "interleaved" pairs (2i, 2i + 1) (Meta's Llama, llama.cpp's NORM rope, ChatGLM). Reordering the rows of
 # wq and wk per head converts one into the other; q·k is unchanged because q and k get the same order.
+
+def read_sharded(index: Path, load) -> dict:
+    """Every tensor of a sharded checkpoint: `index` names its shards in 'weight_map' (the Hugging Face
+    layout for safetensors and PyTorch files alike); `load(path)` reads one shard into a dict."""
+    wm = read_json(index, "weights index").get("weight_map")
+    if not isinstance(wm, dict):
+        raise GebError(f"{index}: missing field 'weight_map'")
+    sd: dict = {}
+    for shard in sorted(set(wm.values())):
+        if not (index.parent / shard).is_file():
+            raise GebError(f"{index}: shard '{shard}' not found")
+        sd.update(load(index.parent / shard))
+    missing = sorted(set(wm) - set(sd))
+    if missing:
+        raise GebError(f"{index}: tensor '{missing[0]}' is listed but not in its shard")
+    return sd
+
 def half_to_interleaved(w: torch.Tensor, n_heads: int, head_dim: int, rot: int) -> torch.Tensor:
     """Rows of a [n_heads * head_dim, in] projection from rotate-half to adjacent-pair order."""
     w3 = w.reshape(n_heads, head_dim, -1)

@@ -31,7 +31,7 @@ import torch
 
 from geb.config import ModelConfig
 from geb.errors import GebError
-from geb.interop.common import interleaved_to_half, read_json
+from geb.interop.common import interleaved_to_half, read_json, read_sharded
 
 KV_ORDERS = ("interleaved", "split")
 MLP_ORDERS = ("gate-up", "up-gate")
@@ -120,18 +120,7 @@ def _torch_load(f: Path) -> dict:
 def read_release_weights(folder: Path) -> dict[str, torch.Tensor]:
     single, index = folder / "pytorch_model.bin", folder / "pytorch_model.bin.index.json"
     if index.is_file():
-        wm = read_json(index, "weights index").get("weight_map")
-        if not isinstance(wm, dict):
-            raise GebError(f"{index}: missing field 'weight_map'")
-        sd: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(wm.values())):
-            if not (folder / shard).is_file():
-                raise GebError(f"{index}: shard '{shard}' not found")
-            sd.update(_torch_load(folder / shard))
-        missing = sorted(set(wm) - set(sd))
-        if missing:
-            raise GebError(f"{index}: tensor '{missing[0]}' is listed but not in its shard")
-        return sd
+        return read_sharded(index, _torch_load)
     if single.is_file():
         return _torch_load(single)
     raise GebError(f"{folder}: no pytorch_model.bin or pytorch_model.bin.index.json")

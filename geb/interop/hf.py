@@ -18,7 +18,7 @@ import torch
 
 from geb.config import ModelConfig
 from geb.errors import GebError
-from geb.interop.common import GebFolder, interleaved_to_half, read_json
+from geb.interop.common import GebFolder, interleaved_to_half, read_json, read_sharded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -141,18 +141,7 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         return load_st(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        wm = read_json(index, "weights index").get("weight_map")
-        if not isinstance(wm, dict):
-            raise GebError(f"{index}: missing field 'weight_map'")
-        sd = {}
-        for shard in sorted(set(wm.values())):
-            if not (folder / shard).is_file():
-                raise GebError(f"{index}: shard '{shard}' not found")
-            sd.update(load_st(folder / shard))
-        missing = sorted(set(wm) - set(sd))
-        if missing:
-            raise GebError(f"{index}: tensor '{missing[0]}' is listed but not in its shard")
-        return sd
+        return read_sharded(index, load_st)
     raise GebError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
