@@ -296,7 +296,7 @@ def report(m: Loaded, bench: Benchmark, opts: EvalOptions, s: Scored, name: str 
                   "name": name or (Path(m.path).name if m.path else "model"),
                   "stage": m.meta.get("stage"), "parameters": scorer.cfg.num_params(),
                   "tokenizer_hash": m.tokenizer.hash(), "context": scorer.max_len,
-                  "format": m.engine.format if m.engine is not None and scorer.model is None else "fp32"},
+                  "format": m.engine.fmt if m.engine is not None and scorer.model is None else "fp32"},
         "data": {"dir": str(bench.root), "hash": bench.data_hash, "subjects": len(s.per_subject)},
         "date": now_iso(), "geb_version": __version__,
         "headline": {"metric": HEADLINE, "accuracy": overall[HEADLINE]},

@@ -16,6 +16,7 @@ import torch
 
 from geb.errors import GebError
 from geb.infer.batch import BatchEngine, TextStream, mask_padding
+from geb.infer.quant import INT4_GROUP_SIZE
 from geb.infer.runtime import Runtime, SlotCache, runtime_from_model
 from geb.infer.sampling import SamplingParams, sample_next
 
@@ -31,8 +32,8 @@ class Generation:
 class Engine:
     """Engine(model, tokenizer) over a live GEB model, or Engine.from_folder(folder, format=...)."""
 
-    def __init__(self, model=None, tokenizer=None, cache_dtype: torch.dtype | None = None, *,
-                 runtime: Runtime | None = None, format: str = "fp32", group_size: int = 32,
+    def __init__(self, model=None, tokenizer=None, *,
+                 runtime: Runtime | None = None, format: str = "fp32", group_size: int = INT4_GROUP_SIZE,
                  threads: int | None = None, backend: str = "auto"):
         if runtime is None:
             if model is None:
@@ -42,12 +43,10 @@ class Engine:
         self.rt = runtime
         self.tok = tokenizer
         self.cfg = runtime.cfg
-        self.format = runtime.fmt
-        self.device = torch.device("cpu")
         self.rt.set_threads(threads or torch.get_num_threads())
 
     @classmethod
-    def from_folder(cls, folder, device: str = "cpu", format: str | None = None, group_size: int = 32,
+    def from_folder(cls, folder, device: str = "cpu", format: str | None = None, group_size: int = INT4_GROUP_SIZE,
                     threads: int | None = None, backend: str = "auto") -> "Engine":
         """Load a full-precision folder (converted to `format`, default fp32) or a quantized folder.
         `backend`: 'auto' (geb's native decode core where it was built), 'native' or 'torch'."""
@@ -61,6 +60,11 @@ class Engine:
         return eng
 
     meta: dict = {}
+
+    @property
+    def fmt(self) -> str:
+        """The weight format the engine runs (fp32, bf16, int8, int4): its runtime's."""
+        return self.rt.fmt
 
     def set_threads(self, n: int) -> None:
         self.rt.set_threads(n)

@@ -29,6 +29,7 @@ from geb.errors import GebError
 
 FORMATS = ("fp32", "bf16", "int8", "int4")
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel accepts
+INT4_GROUP_SIZE = 32  # the default: inputs per int4 scale/zero pair (the core's own activation group)
 NUMPY_MAX_ROWS = 8  # torch backend: up to this many rows fp32 goes through numpy (matrix-vector territory)
 # From this many rows (prefill) weights are widened block by block for one GEMM each: widening costs a
 # fixed pass over the weight, the row kernels cost per row.
@@ -491,7 +492,7 @@ def int4_linear(nibbles: torch.Tensor, scale_zero: torch.Tensor, group_size: int
     return Int4Linear(nibbles, scale_zero, group_size=group_size, in_features=in_features, keep_nibbles=keep_nibbles)
 
 
-def make_linear(w: torch.Tensor, fmt: str, group_size: int = 32, native: bool = False) -> Linear:
+def make_linear(w: torch.Tensor, fmt: str, group_size: int = INT4_GROUP_SIZE, native: bool = False) -> Linear:
     """Build a layer of format `fmt` from a full-precision weight [N, K] (for the native core or torch)."""
     if fmt == "fp32":
         return F32Linear(w, native)
@@ -507,7 +508,7 @@ def make_linear(w: torch.Tensor, fmt: str, group_size: int = 32, native: bool = 
     raise GebError(f"unknown format '{fmt}'")
 
 
-def linear_from_state(get, prefix: str, fmt: str, shape: tuple[int, int], group_size: int = 32,
+def linear_from_state(get, prefix: str, fmt: str, shape: tuple[int, int], group_size: int = INT4_GROUP_SIZE,
                       keep_nibbles: bool = True, native: bool = False) -> Linear:
     """Rebuild a layer from stored tensors; `get(name, dtype, shape)` fetches and checks one tensor."""
     n, k = shape

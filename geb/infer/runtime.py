@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from geb.config import ModelConfig
 from geb.errors import GebError
-from geb.infer.quant import NUMPY_MAX_ROWS, Embedding, Linear, check_format, make_linear, native_backend
+from geb.infer.quant import INT4_GROUP_SIZE, NUMPY_MAX_ROWS, Embedding, Linear, check_format, make_linear, native_backend
 from geb.model import rope_tables
 
 PREFILL_CHUNK = 512
@@ -364,7 +364,7 @@ def default_side_formats(fmt: str) -> tuple[str, str]:
             "int4": ("int8", "int8")}[fmt]
 
 
-def build_runtime(cfg: ModelConfig, get, fmt: str, group_size: int = 32, release=None,
+def build_runtime(cfg: ModelConfig, get, fmt: str, group_size: int = INT4_GROUP_SIZE, release=None,
                   info: dict | None = None, backend: str = "auto") -> Runtime:
     """Build a Runtime from full-precision weights; `get(name)` returns the tensor of a GEB parameter.
 
@@ -432,7 +432,7 @@ def _embedding_sharing(head: Linear, emb_w: torch.Tensor, emb_fmt: str) -> Embed
     return Embedding.from_float(emb_w, emb_fmt)
 
 
-def runtime_from_model(model, fmt: str = "fp32", group_size: int = 32, backend: str = "auto") -> Runtime:
+def runtime_from_model(model, fmt: str = "fp32", group_size: int = INT4_GROUP_SIZE, backend: str = "auto") -> Runtime:
     """A Runtime over a live GEB model's weights (FP32 shares nothing fused; the model stays usable)."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     return build_runtime(model.cfg, lambda n: sd[n], fmt, group_size, info={"source": "model"}, backend=backend)

@@ -21,12 +21,10 @@ import torch
 from geb.checkpoint import CONFIG, META, WEIGHTS, AtomicFolder, check_folder, now_iso, read_meta
 from geb.config import ModelConfig
 from geb.errors import GebError
-from geb.infer.quant import FORMATS, INT4_GROUPS, Embedding, check_format, linear_from_state, native_backend
+from geb.infer.quant import FORMATS, INT4_GROUP_SIZE, INT4_GROUPS, Embedding, check_format, linear_from_state, native_backend
 from geb.infer.runtime import Layer, Runtime, build_runtime, default_side_formats
 
 LAYOUT = "geb-fused-v1"
-# the int4 group size when none is asked for (INT4_GROUPS: the ones allowed); every default reads it here
-INT4_GROUP_SIZE = 32
 ALIGN = 64  # bytes; quantized folders place every tensor on such a boundary
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8,
            "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}

@@ -112,10 +112,10 @@ class State:
             sched.start()
             self.tok, self.max_tokens, self.max_prompt, self.context = engine.tok, max_tokens, max_prompt, context
             cache_mb = sched.be.cache.nbytes / 2**20
-            self.info = {"format": engine.format, "context": ctx, "slots": s.max_concurrency,
+            self.info = {"format": engine.fmt, "context": ctx, "slots": s.max_concurrency,
                          "kv_cache_mib": round(cache_mb, 1)}
             self.scheduler, self.status = sched, "ready"
-            say(f"ready: {s.url or 'serving'} model '{s.name}' ({engine.format}), {s.max_concurrency} slots x "
+            say(f"ready: {s.url or 'serving'} model '{s.name}' ({engine.fmt}), {s.max_concurrency} slots x "
                 f"{context} positions ({cache_mb:.0f} MiB KV cache), max {max_tokens} new tokens, "
                 f"max {max_prompt} prompt tokens")
         except Exception as e:  # noqa: BLE001 - any load failure ends the server with its message
