@@ -58,6 +58,35 @@ def test_runtime_matches_model_prefill_and_decode(tiny_cfg, kw):
     torch.testing.assert_close(chunked, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4"])
+def test_prefill_rows_equals_each_row_alone(tiny_cfg, fmt):
+    """Several rows in one pass (the scorer's batch), each continuing its own slot after a shared prefix
+    (or none), give each row's logits as that row prefilled alone does."""
+    rt = runtime_from_model(peaky_model(tiny_cfg), fmt)
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(0, tiny_cfg.vocab_size, (6,), generator=g).tolist()
+    rows = [torch.randint(0, tiny_cfg.vocab_size, (n,), generator=g).tolist() for n in (9, 3, 14, 1)]
+    for pre in ([], prefix):
+        alone = []
+        for r in rows:
+            cache = SlotCache(tiny_cfg, 1, 40)
+            if pre:
+                rt.prefill(pre, cache, 0)
+            alone.append(rt.prefill(r, cache, 0, all_logits=True))
+        cache = SlotCache(tiny_cfg, len(rows), 40)
+        for slot in range(len(rows)):
+            if pre:
+                rt.prefill(pre, cache, slot)
+        positions = [list(range(len(r))) if i % 2 == 0 else [len(r) - 1] for i, r in enumerate(rows)]
+        got = rt.prefill_rows(rows, cache, list(range(len(rows))), positions)
+        assert cache.lengths == [len(pre) + len(r) for r in rows]
+        for a, b, pos in zip(alone, got, positions):
+            if fmt != "fp32" and rt.backend == "native":  # the core's integer kernels: each row alike
+                assert torch.equal(b, a[pos])  # whatever the row count
+            else:  # one GEMM over all rows: BLAS blocking may reorder sums
+                torch.testing.assert_close(b, a[pos], rtol=1e-4, atol=1e-4 * a.abs().max().item())
+
+
 def test_batched_decode_rows_at_different_depths(tiny_cfg):
     m = peaky_model(tiny_cfg)
     rt = runtime_from_model(m, "fp32")

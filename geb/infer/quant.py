@@ -3,10 +3,12 @@
 Every layer takes and returns FP32 activations [M, K] → [M, N]; what happens inside depends on the
 format and on the backend the runtime chose (geb.infer.runtime):
 - native (geb's decode core, geb.infer.native, wherever it was built): weights stay in the core's
-  layouts (FP32; BF16; int8 per output row; int4 in the core's nibble layout). A few rows (decode-time
-  products outside the fused step, one-token prefills) run on the core's kernels; more rows (prefill)
-  widen the weight block by block for one GEMM each, to BF16 where this CPU multiplies BF16 natively
-  (AVX512-BF16/AMX) and to FP32 elsewhere, where torch's BF16 products are emulated and slow.
+  layouts (FP32; BF16; int8 per output row; int4 in the core's nibble layout). int8 and int4 products
+  run on the core's integer kernels at every row count (activations quantized to int8 per group of 32,
+  as llama.cpp does for Q8_0/Q4_0): a row's result is then the same whether it is multiplied alone, in
+  a prefill of any length or beside other requests' rows, and prefill matches what decode computes.
+  FP32 and BF16 run a few rows on the core's kernels and more rows (prefill) as one GEMM, BF16 widened
+  block by block to FP32 where this CPU has no native BF16 products (torch emulates them, slowly).
 - torch (no native core): fp32 through numpy's OpenBLAS at a few rows (its matrix-vector routine
   uses every core); bf16 pre-packed for oneDNN; int8 `torch._weight_int8pack_mm` (one row: the
   activation quantized too, `torch._int_mm`); int4 `torch._weight_int4pack_mm_for_cpu`.
@@ -154,7 +156,7 @@ class F32Linear(Linear):
 class BF16Linear(Linear):
     """BF16 weights. Native: the plain weight serves the core and prefill (a BF16 GEMM where BF16 is
     native, else FP32 blocks). Torch: pre-packed once into oneDNN's blocked layout, the fastest of
-    torch's kernels at a few rows (bench/decode_kernels.py)."""
+    torch's kernels at a few rows (bench/results/decode_kernels.json, from a since-retired script)."""
 
     fmt = "bf16"
 
@@ -234,10 +236,10 @@ class Int8Linear(Linear):
         return torch.mul(self.q[n0:n1], self.scale[n0:n1, None]).to(dtype)
 
     def __call__(self, x):
+        if self.native:  # every row count: see the module docstring
+            return self._native_rows(x)
         if x.shape[0] >= WIDEN_MIN_ROWS:
             return self._widened(x)
-        if self.native:
-            return self._native_rows(x)
         if x.shape[0] == 1:
             return self._dynamic(x)
         return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale).float()
@@ -245,7 +247,7 @@ class Int8Linear(Linear):
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
         """Torch backend, one row: quantize the activation row to int8 too (symmetric, one scale per
         row) and run torch's int8 x int8 -> int32 GEMM on the weight as stored: faster than the
-        weight-only kernel at one row (bench/decode_kernels.py), slower from two rows on."""
+        weight-only kernel at one row (bench/results/decode_kernels.json), slower from two rows on."""
         s = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
         xq = torch.round(x / s).to(torch.int8)
         return torch._int_mm(xq, self.q.t()).float().mul_(s).mul_(self._scale_f32)
@@ -464,9 +466,7 @@ class Int4NativeLinear(Linear):
         return self.widen_block(0, self.out_features, dtype)
 
     def __call__(self, x):
-        if x.shape[0] >= WIDEN_MIN_ROWS:
-            return self._widened(x)
-        return self._native_rows(x)
+        return self._native_rows(x)  # every row count: see the module docstring
 
     def native_desc(self):
         from geb.infer.native import Q4

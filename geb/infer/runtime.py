@@ -241,31 +241,70 @@ class Runtime:
             trim_heap()
         return logits if all_logits else logits[0]
 
+    @torch.inference_mode()
+    def prefill_rows(self, rows: list, cache: SlotCache, slots: list[int],
+                     positions: list[list[int]]) -> list[torch.Tensor]:
+        """Several sequences in one pass (scoring): row i is appended to slot slots[i]; every weight product
+        runs once over all rows' tokens, attention per row. Returns, per row, the FP32 logits [P, V] at
+        its row-relative `positions[i]`. Rows are not chunked: the caller bounds their total length."""
+        segs = [(sl, torch.as_tensor(ids, dtype=torch.long).view(-1)) for sl, ids in zip(slots, rows)]
+        for sl, ids in segs:
+            if cache.lengths[sl] + ids.numel() > cache.max_len:
+                raise GebError(f"sequence of {cache.lengths[sl] + ids.numel()} positions exceeds the cache "
+                               f"({cache.max_len})")
+        self._use_threads(self.threads)
+        x = self._prefill_segments(segs, cache)
+        at, off = [], 0
+        for (_, ids), pos in zip(segs, positions):
+            at.extend(off + p for p in pos)
+            off += ids.numel()
+        logits = self.head(self._norm(x[at], self.norm))
+        if off >= 64:
+            trim_heap()
+        return list(logits.split([len(p) for p in positions]))
+
     def _prefill_chunk(self, ids: torch.Tensor, cache: SlotCache, slot: int) -> torch.Tensor:
+        return self._prefill_segments([(slot, ids)], cache)
+
+    def _prefill_segments(self, segs: list[tuple[int, torch.Tensor]], cache: SlotCache) -> torch.Tensor:
+        """Hidden states [sum T, D] of segments (slot, ids), each appended to its slot's sequence."""
         c = self.cfg
-        t = ids.numel()
-        start = cache.lengths[slot]
-        end = start + t
-        x = self.emb(ids)
-        cos_f, sin_f = self.cos_f[start:end, None], self.sin_f[start:end, None]
-        mask = None
-        if start:
-            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        spans = []  # (slot, start, end, first row in x)
+        row = 0
+        for slot, ids in segs:
+            start = cache.lengths[slot]
+            spans.append((slot, start, start + ids.numel(), row))
+            row += ids.numel()
+        x = self.emb(segs[0][1] if len(segs) == 1 else torch.cat([ids for _, ids in segs]))
+        if len(spans) == 1:
+            _, start, end, _ = spans[0]
+            cos_f, sin_f = self.cos_f[start:end, None], self.sin_f[start:end, None]
+        else:
+            pos = torch.cat([torch.arange(start, end) for _, start, end, _ in spans])
+            cos_f, sin_f = self.cos_f[pos, None], self.sin_f[pos, None]
+        masks = [torch.arange(end)[None, :] <= torch.arange(start, end)[:, None] if start else None
+                 for _, start, end, _ in spans]
         for li, L in enumerate(self.layers):
             q, k, v = self._qkv(L, x, cos_f, sin_f)
-            kc, vc = cache.k[li, slot], cache.v[li, slot]
-            kc[:, start:end] = k.transpose(0, 1)
-            vc[:, start:end] = v.transpose(0, 1)
-            qh = q.transpose(0, 1)[None]
-            if start:
-                y = F.scaled_dot_product_attention(qh, kc[None, :, :end], vc[None, :, :end], attn_mask=mask,
-                                                   enable_gqa=True)
-            else:
-                y = F.scaled_dot_product_attention(qh, k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                                   is_causal=t > 1, enable_gqa=True)
-            x = x + L.wo(y[0].transpose(0, 1).reshape(t, c.q_dim))
+            ys = []
+            for (slot, start, end, r0), mask in zip(spans, masks):
+                t = end - start
+                qs, ks, vs = q[r0 : r0 + t], k[r0 : r0 + t], v[r0 : r0 + t]
+                kc, vc = cache.k[li, slot], cache.v[li, slot]
+                kc[:, start:end] = ks.transpose(0, 1)
+                vc[:, start:end] = vs.transpose(0, 1)
+                qh = qs.transpose(0, 1)[None]
+                if start:
+                    y = F.scaled_dot_product_attention(qh, kc[None, :, :end], vc[None, :, :end], attn_mask=mask,
+                                                       enable_gqa=True)
+                else:
+                    y = F.scaled_dot_product_attention(qh, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                                                       is_causal=t > 1, enable_gqa=True)
+                ys.append(y[0].transpose(0, 1).reshape(t, c.q_dim))
+            x = x + L.wo(ys[0] if len(ys) == 1 else torch.cat(ys))
             x = x + self._ffn(L, x)
-        cache.lengths[slot] = end
+        for slot, _, end, _ in spans:
+            cache.lengths[slot] = end
         return x
 
     # -- decode -------------------------------------------------------------------------------------
