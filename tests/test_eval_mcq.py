@@ -310,6 +310,19 @@ def test_quantized_folders_are_scored_through_the_engine(tmp_path, long_model_di
         for (la, ga), (lb, gb) in zip(got, want):
             assert la == pytest.approx(lb, abs=1e-3) and ga == gb
     assert rs.prefix_forwards == 1
+    # int8 rows batched through one multi-row prefill score exactly as one at a time (the core's integer
+    # kernels compute each row alike), and groups close at the row and token limits
+    rs8 = RuntimeScorer(Engine(model, tok, format="int8"), batch_size=2)
+    one = RuntimeScorer(Engine(model, tok, format="int8"), batch_size=1)
+    assert [len(g) for g in rs8._groups(rows)] == [2, 1]
+    rs8.max_batch_tokens = len(rows[0].ids) + len(rows[1].ids) - 1
+    assert [len(g) for g in rs8._groups(rows)] == [1, 2]
+    want = one.score_rows(rows, prefix=prefix)
+    got = rs8.score_rows(rows, prefix=prefix)
+    if rs8.rt.backend == "native":
+        assert got == want
+    else:
+        assert [x[0] for r in got for x in r] == pytest.approx([x[0] for r in want for x in r], abs=1e-3)
     # an int8 folder: evaluated, recorded as such, close to full precision
     data = write_ceval(tmp_path / "ce", {"law": (2, 4)})
     q = quantize_folder(long_model_dir, tmp_path / "int8", "int8")

@@ -197,17 +197,19 @@ class Scorer:
 class RuntimeScorer(Scorer):
     """Scoring through the CPU runtime (quantized folders, which have no GEB module; the quantization
     report). A shared prefix (the k-shot shots) is prefilled once into slot 0 of a runtime cache and
-    each row continues it in slot 1, whose prefix positions stay valid from row to row; a row whose
-    targets all sit on its last position (the MCQ letter case) runs the output layer on that position
-    only instead of on every position. Rows still go one at a time: the runtime has no batched prefill."""
+    copied into the other slots; rows then go `batch_size` at a time (at most `max_batch_tokens`
+    tokens), each continuing the prefix in its own slot, through one multi-row prefill whose weight
+    products run once for the whole batch (no padding: rows keep their own lengths). A row whose targets
+    all sit on its last position (the MCQ letter case) runs the output layer on that position only."""
 
-    def __init__(self, source, max_len: int | None = None, tok=None):
+    def __init__(self, source, max_len: int | None = None, tok=None, batch_size: int = 8):
         self.rt = getattr(source, "rt", source)  # an Engine (its runtime) or a Runtime
         self.model = None
         self.tok = tok if tok is not None else source.tok
         self.cfg = self.rt.cfg
         self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
-        self.batch_size = 1
+        self.batch_size = max(1, int(batch_size))
+        self.max_batch_tokens = 2048
         self.n_vocab = self.tok.vocab_size
         self.device = torch.device("cpu")
         self.prefix_forwards = 0
@@ -222,35 +224,52 @@ class RuntimeScorer(Scorer):
         with self.rt.threads_scope():
             return self._masked_log_probs(self.rt.forward_logits(ids))
 
+    def _groups(self, rows: list[Row]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for i, r in enumerate(rows):
+            if out and len(out[-1]) < self.batch_size and \
+                    sum(len(rows[j].ids) for j in out[-1]) + len(r.ids) <= self.max_batch_tokens:
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
+
     @torch.inference_mode()
     def score_rows(self, rows: list[Row], prefix: list[int] | None = None) -> list[list[tuple[float, bool]]]:
         from geb.infer.runtime import SlotCache
 
         prefix = prefix or []
-        out: list[list[tuple[float, bool]]] = []
+        out: list[list[tuple[float, bool]]] = [[] for _ in rows]
         if not rows:
             return out
         p = len(prefix)
         longest = max(len(r.ids) for r in rows)
         if p + longest > self.max_len:
             raise GebError(f"internal: {p} + {longest} tokens exceed the context {self.max_len}")
-        cache = SlotCache(self.cfg, 1, p + longest)
+        groups = self._groups(rows)
+        cache = SlotCache(self.cfg, max(len(g) for g in groups), p + longest)
         with self.rt.threads_scope():
             if prefix:
                 self.rt.prefill(prefix, cache, 0)
                 self.prefix_forwards += 1
-            for r in rows:
-                cache.lengths[0] = p  # positions past the prefix are overwritten by this row
-                last = len(r.ids) - 1
-                only_last = all(pos == last and len(toks) == 1 for pos, toks in r.targets)
-                logits = self.rt.prefill(r.ids, cache, 0, all_logits=not only_last)
-                lp = self._masked_log_probs(logits.view(1 if only_last else len(r.ids), -1))
-                res = []
-                for pos, toks in r.targets:
-                    rows_lp = lp[-1:] if only_last else lp[pos: pos + len(toks)]
-                    t = torch.tensor(toks)
-                    res.append((float(rows_lp.gather(1, t[:, None]).sum()), bool((rows_lp.argmax(-1) == t).all())))
-                out.append(res)
+                cache.k[:, 1:, :, :p] = cache.k[:, :1, :, :p]
+                cache.v[:, 1:, :, :p] = cache.v[:, :1, :, :p]
+            for g in groups:
+                slots = list(range(len(g)))
+                for s in slots:
+                    cache.lengths[s] = p  # positions past the prefix are overwritten by this row
+                last_only = [all(pos == len(rows[i].ids) - 1 and len(toks) == 1 for pos, toks in rows[i].targets)
+                             for i in g]
+                positions = [[len(rows[i].ids) - 1] if lo else list(range(len(rows[i].ids)))
+                             for i, lo in zip(g, last_only)]
+                logits = self.rt.prefill_rows([rows[i].ids for i in g], cache, slots, positions)
+                for i, lo, lg in zip(g, last_only, logits):
+                    lp = self._masked_log_probs(lg)
+                    for pos, toks in rows[i].targets:
+                        rows_lp = lp[-1:] if lo else lp[pos: pos + len(toks)]
+                        t = torch.tensor(toks)
+                        out[i].append((float(rows_lp.gather(1, t[:, None]).sum()),
+                                       bool((rows_lp.argmax(-1) == t).all())))
         return out
 
     @torch.inference_mode()
@@ -293,7 +312,8 @@ def load_scorer(folder, batch_size: int = 8, max_len: int | None = None):
         from geb.infer.engine import Engine
 
         engine = Engine.from_folder(folder)
-        return RuntimeScorer(engine, max_len), engine.tok, dict(getattr(engine, "meta", {}) or {}), engine
+        meta = dict(getattr(engine, "meta", {}) or {})
+        return RuntimeScorer(engine, max_len, batch_size=batch_size), engine.tok, meta, engine
     from geb.checkpoint import load_model
 
     model, tok, meta = load_model(folder)
