@@ -1,4 +1,5 @@
-"""Multiple-choice evaluation speed (items/s) with and without k-shot prefix KV-cache reuse.
+"""Multiple-choice evaluation speed (items/s) with and without k-shot prefix KV-cache reuse, and of
+quantized folders (scored through the CPU runtime) against the full-precision model.
 
 Random-weight models in the geb-tiny / geb-small shapes (speed does not depend on what the weights
 learned) and a byte-level BPE trained on the benchmark's own dev questions (so prompt lengths are
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--formats", default="int8,int4",
+                    help="quantized formats also timed (prefix cache, batch 8), from the same random weights")
     ap.add_argument("--out", default="bench/results/eval_speed.json")
     args = ap.parse_args()
 
@@ -40,6 +43,7 @@ def main() -> None:
     from geb.config import get_preset, pad_vocab
     from geb.eval.benchmarks import load_benchmark
     from geb.eval.mcq import evaluate
+    from geb.infer.weights import quantize_folder
     from geb.model import GEB
     from geb.tokenizer import Tokenizer
 
@@ -56,18 +60,24 @@ def main() -> None:
             model.init_weights(seed=0)
             folder = Path(tmp) / preset
             save_checkpoint(folder, model, tok, {"stage": "random"})
-            settings = [("prefix cache, batch 8", True, 8), ("no prefix cache, batch 8", False, 8),
-                        ("prefix cache, batch 1", True, 1)]
-            times = {name: [] for name, _, _ in settings}
+            settings = [("prefix cache, batch 8", True, 8, folder), ("no prefix cache, batch 8", False, 8, folder),
+                        ("prefix cache, batch 1", True, 1, folder)]
+            for fmt in filter(None, args.formats.split(",")):
+                settings.append((f"{fmt}, prefix cache, batch 8", True, 8,
+                                 quantize_folder(folder, Path(tmp) / f"{preset}-{fmt}", fmt)))
+            times = {name: [] for name, *_ in settings}
             last = {}
+            for _, reuse, bs, src in settings:  # untimed warm-up: first-call costs (imports, allocator)
+                evaluate(src, args.benchmark, args.data, shots=args.shots, limit=1, subjects=subjects[:1],
+                         reuse_prefix=reuse, batch_size=bs)
             for _ in range(args.rounds):
-                for name, reuse, bs in settings:
+                for name, reuse, bs, src in settings:
                     t0 = time.perf_counter()
-                    r = evaluate(folder, args.benchmark, args.data, shots=args.shots, limit=args.limit,
+                    r = evaluate(src, args.benchmark, args.data, shots=args.shots, limit=args.limit,
                                  subjects=subjects, reuse_prefix=reuse, batch_size=bs)
                     times[name].append(time.perf_counter() - t0)
                     last[name] = r
-            for name, _, _ in settings:
+            for name, *_ in settings:
                 r = last[name]
                 n = r["overall"]["n"]
                 med = statistics.median(times[name])
@@ -78,6 +88,10 @@ def main() -> None:
             base = next(x for x in rows if x["model"] == preset and x["setting"] == "no prefix cache, batch 8")
             cached = next(x for x in rows if x["model"] == preset and x["setting"] == "prefix cache, batch 8")
             print(f"{preset:10s} prefix-cache speed-up: {cached['items_per_s'] / base['items_per_s']:.2f}x")
+            for x in rows:
+                if x["model"] == preset and x["setting"].split(",")[0] in args.formats.split(","):
+                    print(f"{preset:10s} {x['setting'].split(',')[0]} / fp32 items/s: "
+                          f"{x['items_per_s'] / cached['items_per_s']:.2f}")
     import os
 
     from geb.cpu import describe
