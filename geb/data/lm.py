@@ -137,16 +137,16 @@ class CharNgramLM:
 
 class GebModelScorer:
     """Per-token perplexity under a geb model folder (its own tokenizer; full-precision or quantized),
-    through geb.eval.scoring's one scorer: the document starts after the end-of-document id and its
+    through geb.scoring's one scorer: the document starts after the end-of-document id and its
     end is predicted too."""
 
     def __init__(self, folder: str | Path):
-        from geb.eval.scoring import load_scorer
+        from geb.infer.scoring import load_scorer
 
         self.scorer, self.tokenizer, _, _ = load_scorer(folder)
 
     def perplexity(self, text: str) -> float:
-        from geb.eval.scoring import perplexity_of
+        from geb.scoring import perplexity_of
 
         ids = self.tokenizer.encode(text, allow_special=False) + [self.tokenizer.eos_id]
         return perplexity_of(self.scorer, ids)

@@ -40,7 +40,8 @@ class GebLM(_LMBase):
                  max_batch_size=None, **_ignored):
         _require()
         super().__init__()
-        from geb.eval.scoring import Scorer, is_quantized, load_scorer
+        from geb.infer.scoring import is_quantized, load_scorer
+        from geb.scoring import Scorer
 
         if not path:
             raise GebError("the geb lm-eval model needs model_args path=<model folder>")

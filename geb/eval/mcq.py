@@ -19,7 +19,8 @@ from pathlib import Path
 from geb.errors import GebError
 from geb.eval import prompts
 from geb.eval.benchmarks import LETTERS, Benchmark, Subject, load_benchmark
-from geb.eval.scoring import Row, Scorer, load_scorer
+from geb.infer.scoring import load_scorer
+from geb.scoring import Row, Scorer
 
 HEADLINE = "micro"  # accuracy over all items (lm-eval's size-weighted group score; MMLU's "average")
 

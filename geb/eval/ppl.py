@@ -11,12 +11,12 @@ tokenizers can be compared; token perplexity cannot.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 from geb.errors import GebError
-from geb.eval.scoring import Scorer, bits_per_byte, load_scorer
+from geb.infer.scoring import load_scorer
+from geb.scoring import Scorer, bits_per_byte, perplexity_from
 
 
 def _check_tokens(data, tok, model_vocab: int, folder: Path) -> None:
@@ -84,7 +84,7 @@ def perplexity(model_dir=None, data=None, split: str = "val", max_tokens: int | 
     res = {
         "model": str(model_dir) if model_dir else None, "tokenizer_hash": tokenizer.hash(), "data": source,
         "tokens": n, "bytes": n_bytes, "nll_sum": -logprob, "nll_per_token": -logprob / n,
-        "perplexity": math.exp(-logprob / n), "bits_per_byte": bits_per_byte(logprob, n_bytes),
+        "perplexity": perplexity_from(logprob, n), "bits_per_byte": bits_per_byte(logprob, n_bytes),
         "bytes_per_token": n_bytes / n, "context": scorer.max_len, "stride": stride or scorer.max_len,
         "seconds": round(seconds, 3), "tokens_per_s": round(n / max(seconds, 1e-9), 1),
         "date": now_iso(), "geb_version": __version__,

@@ -1,10 +1,15 @@
-"""Log-likelihood scoring on a geb model: the one place evaluation turns token ids into log-probs.
+"""Log-likelihood scoring: the one place geb turns token ids into log-probs and perplexity.
 
-Used by multiple-choice evaluation (with a shared k-shot prefix computed once into a KV cache and
-reused by every question of a subject), by perplexity (rolling windows) and by the lm-eval bridge.
-Pairs are tokenized the lm-eval way (`encode_pair`) so geb and the harness see identical tokens.
-Only the positions that are scored go through the output layer, so memory stays small for large
-vocabularies, and logits of padded vocabulary rows (vocab rounded up) are masked out.
+`Scorer` scores on a PyTorch geb model; geb.infer.scoring.RuntimeScorer (the CPU runtime, quantized
+folders) has the same interface. Every perplexity in geb goes through `perplexity_of` with one of them:
+evaluation (geb.eval), the quantization report (geb.infer.bench), the data pipeline's perplexity filter
+(geb.data.lm) and the released-checkpoint layout check (geb.interop.geb_release).
+
+Multiple-choice evaluation shares a k-shot prefix computed once into a KV cache and reused by every
+question of a subject; perplexity scores rolling windows; the lm-eval bridge uses both. Pairs are
+tokenized the lm-eval way (`encode_pair`) so geb and the harness see identical tokens. Only the
+positions that are scored go through the output layer, so memory stays small for large vocabularies,
+and logits of padded vocabulary rows (vocab rounded up) are masked out.
 """
 
 from __future__ import annotations
@@ -76,6 +81,10 @@ class Scorer:
             return [self.tok.eos_id], [self.tok.encode(c) for c in continuations]
         ctx, *wholes = self.tok.encode_batch([context] + [context + c for c in continuations])
         return ctx, [w[len(ctx):] for w in wholes]
+
+    def _start(self, start: int | None) -> int:
+        """The token a document's first token is predicted from: the end-of-document id unless given."""
+        return self.tok.eos_id if start is None else int(start)
 
     # -- core -----------------------------------------------------------------------------------
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -167,16 +176,17 @@ class Scorer:
         return [r[0] for r in self.score_rows(rows)]
 
     @torch.inference_mode()
-    def rolling(self, ids: list[int], stride: int | None = None, chunk: int = 512) -> tuple[float, int]:
-        """Sum of log-probs of every token of a document (the first predicted from the end-of-document
-        id) and the token count. Windows of at most max_len tokens; with stride < max_len each window
-        scores only its last `stride` tokens and sees the ones before as context. stride = max_len
-        (the default) is lm-eval's loglikelihood_rolling (disjoint windows)."""
+    def rolling(self, ids: list[int], stride: int | None = None, chunk: int = 512,
+                start: int | None = None) -> tuple[float, int]:
+        """Sum of log-probs of every token of a document (the first predicted from `start`, by default
+        the end-of-document id) and the token count. Windows of at most max_len tokens; with stride <
+        max_len each window scores only its last `stride` tokens and sees the ones before as context.
+        stride = max_len (the default) is lm-eval's loglikelihood_rolling (disjoint windows)."""
         n = len(ids)
         if n == 0:
             return 0.0, 0
         stride = min(stride or self.max_len, self.max_len)
-        seq = [self.tok.eos_id] + list(ids)
+        seq = [self._start(start)] + list(ids)
         total = 0.0
         k = 0
         while k < n:
@@ -194,110 +204,16 @@ class Scorer:
         return total, n
 
 
-class RuntimeScorer(Scorer):
-    """Scoring through the CPU runtime (quantized folders, which have no GEB module; the quantization
-    report). A shared prefix (the k-shot shots) is prefilled once into slot 0 of a runtime cache and
-    each row continues it in slot 1, whose prefix positions stay valid from row to row; a row whose
-    targets all sit on its last position (the MCQ letter case) runs the output layer on that position
-    only instead of on every position. Rows still go one at a time: the runtime has no batched prefill."""
-
-    def __init__(self, source, max_len: int | None = None, tok=None):
-        self.rt = getattr(source, "rt", source)  # an Engine (its runtime) or a Runtime
-        self.model = None
-        self.tok = tok if tok is not None else source.tok
-        self.cfg = self.rt.cfg
-        self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
-        self.batch_size = 1
-        self.n_vocab = self.tok.vocab_size
-        self.device = torch.device("cpu")
-        self.prefix_forwards = 0
-
-    def _masked_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.n_vocab < logits.shape[-1]:
-            logits[..., self.n_vocab:] = float("-inf")
-        return torch.log_softmax(logits, dim=-1)
-
-    def _seq_log_probs(self, ids: list[int]) -> torch.Tensor:
-        with self.rt.threads_scope():
-            return self._masked_log_probs(self.rt.forward_logits(ids))
-
-    @torch.inference_mode()
-    def score_rows(self, rows: list[Row], prefix: list[int] | None = None) -> list[list[tuple[float, bool]]]:
-        from geb.infer.runtime import SlotCache
-
-        prefix = prefix or []
-        out: list[list[tuple[float, bool]]] = []
-        if not rows:
-            return out
-        p = len(prefix)
-        longest = max(len(r.ids) for r in rows)
-        if p + longest > self.max_len:
-            raise GebError(f"internal: {p} + {longest} tokens exceed the context {self.max_len}")
-        cache = SlotCache(self.cfg, 1, p + longest)
-        with self.rt.threads_scope():
-            if prefix:
-                self.rt.prefill(prefix, cache, 0)
-                self.prefix_forwards += 1
-            for r in rows:
-                cache.lengths[0] = p  # positions past the prefix are overwritten by this row
-                last = len(r.ids) - 1
-                only_last = all(pos == last and len(toks) == 1 for pos, toks in r.targets)
-                logits = self.rt.prefill(r.ids, cache, 0, all_logits=not only_last)
-                lp = self._masked_log_probs(logits.view(1 if only_last else len(r.ids), -1))
-                res = []
-                for pos, toks in r.targets:
-                    rows_lp = lp[-1:] if only_last else lp[pos: pos + len(toks)]
-                    t = torch.tensor(toks)
-                    res.append((float(rows_lp.gather(1, t[:, None]).sum()), bool((rows_lp.argmax(-1) == t).all())))
-                out.append(res)
-        return out
-
-    @torch.inference_mode()
-    def rolling(self, ids: list[int], stride: int | None = None, chunk: int = 512) -> tuple[float, int]:
-        n = len(ids)
-        stride = min(stride or self.max_len, self.max_len)
-        seq = [self.tok.eos_id] + list(ids)
-        total, k = 0.0, 0
-        while k < n:
-            end = min(k + stride, n)
-            start = max(0, end - self.max_len)
-            lp = self._seq_log_probs(seq[start:end])[k - start:]
-            total += float(lp.gather(1, torch.tensor(ids[k:end])[:, None]).sum())
-            k = end
-        return total, n
-
-
-def perplexity_of(scorer: Scorer, ids: list[int], stride: int | None = None) -> float:
-    """exp(mean negative log-likelihood) of a document under any scorer (model or runtime): the one
-    perplexity every caller shares (evaluation, the quantization report, the data filter)."""
-    logprob, n = scorer.rolling(ids, stride=stride)
+def perplexity_from(logprob: float, n: int) -> float:
+    """exp(mean negative log-likelihood) of `n` tokens whose log-probs sum to `logprob`."""
     return math.exp(-logprob / max(n, 1))
 
 
-def is_quantized(folder) -> bool:
-    """A folder written by `geb quantize` (its config.json carries a "quantization" field)."""
-    import json
-    from pathlib import Path
-
-    f = Path(folder) / "config.json"
-    try:
-        return bool(json.loads(f.read_text()).get("quantization"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def load_scorer(folder, batch_size: int = 8, max_len: int | None = None):
-    """(scorer, tokenizer, meta, engine or None) for a full-precision or a quantized model folder."""
-    if is_quantized(folder):
-        from geb.infer.engine import Engine
-
-        engine = Engine.from_folder(folder)
-        return RuntimeScorer(engine, max_len), engine.tok, dict(getattr(engine, "meta", {}) or {}), engine
-    from geb.checkpoint import load_model
-
-    model, tok, meta = load_model(folder)
-    return Scorer(model, tok, batch_size=batch_size, max_len=max_len), tok, meta, None
+def perplexity_of(scorer: Scorer, ids: list[int], stride: int | None = None, start: int | None = None) -> float:
+    """Perplexity of a document under any scorer (model or runtime): the one perplexity every caller
+    shares (evaluation, the quantization report, the data filter, the release layout check). Its first
+    token is predicted from `start` (default: the end-of-document id)."""
+    return perplexity_from(*scorer.rolling(ids, stride=stride, start=start))
 
 
 def bits_per_byte(logprob: float, n_bytes: int) -> float:
