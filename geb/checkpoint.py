@@ -314,10 +314,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     from geb.tokenizer import Tokenizer
 
     folder = check_folder(folder)
-    cfg = ModelConfig.load(folder / CONFIG)
-    raw = json.loads((folder / CONFIG).read_text())
-    if raw.get("quantization"):
-        raise GebError(f"{folder}: a quantized checkpoint ({raw['quantization'].get('format')}); "
+    cfg, q = ModelConfig.load_with_quantization(folder / CONFIG)
+    if q:
+        raise GebError(f"{folder}: a quantized checkpoint ({q.get('format')}); "
                        "load it through geb.infer (every inference command accepts it)")
     with torch.device("meta"):
         model = GEB(cfg)

@@ -88,14 +88,16 @@ class RuntimeScorer(Scorer):
 
 
 def is_quantized(folder) -> bool:
-    """A folder written by `geb quantize` (its config.json carries a "quantization" field)."""
-    import json
+    """A folder written by `geb quantize` (its config.json carries a quantization field); False for a
+    folder whose config cannot be read (loading it as a full-precision folder then says why)."""
     from pathlib import Path
 
-    f = Path(folder) / "config.json"
+    from geb.checkpoint import CONFIG
+    from geb.config import ModelConfig
+
     try:
-        return bool(json.loads(f.read_text()).get("quantization"))
-    except (OSError, ValueError, AttributeError):
+        return bool(ModelConfig.load_with_quantization(Path(folder) / CONFIG)[1])
+    except (GebError, OSError):
         return False
 
 

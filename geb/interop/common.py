@@ -27,11 +27,10 @@ class GebFolder:
         from geb.checkpoint import CONFIG, WEIGHTS, check_folder, read_meta
 
         self.folder = check_folder(folder)
-        raw = read_json(self.folder / CONFIG, "model config")
-        if raw.get("quantization"):
-            raise GebError(f"{self.folder}: a quantized geb checkpoint ({raw['quantization'].get('format')}); "
+        self.cfg, q = ModelConfig.load_with_quantization(self.folder / CONFIG)
+        if q:
+            raise GebError(f"{self.folder}: a quantized geb checkpoint ({q.get('format')}); "
                            "export the full-precision folder it was made from")
-        self.cfg = ModelConfig.load(self.folder / CONFIG)
         self.meta = read_meta(self.folder)
         self.weights = self.folder / WEIGHTS
         try:
