@@ -37,8 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geb.data import settings as S
-from geb.checkpoint import AtomicFolder, check_destination
-from geb.common import atomic_write_json
+from geb.common import AtomicFolder, atomic_write_json, check_destination
 from geb.data.metering import Meter, Timed
 from geb.errors import GebError
 

@@ -33,7 +33,7 @@ def perplexity(model_dir=None, data=None, split: str = "val", max_tokens: int | 
                stride: int | None = None, model=None, tokenizer=None, out=None) -> dict:
     """Score `data` (a UTF-8 text file or a token folder) and return the figures as a dict."""
     from geb import __version__
-    from geb.checkpoint import now_iso
+    from geb.common import now_iso
 
     if data is None:
         raise GebError("no data given (--data FILE or token folder)")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from geb.checkpoint import CONFIG, META, WEIGHTS, AtomicFolder, check_folder, now_iso, read_meta
+from geb.checkpoint import CONFIG, META, WEIGHTS, check_folder, read_meta
+from geb.common import AtomicFolder, now_iso
 from geb.config import QUANTIZATION, ModelConfig
 from geb.errors import GebError
 from geb.infer.quant import FORMATS, INT4_GROUPS, Embedding, check_format, linear_from_state, native_backend

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geb.checkpoint import check_destination, with_path
+from geb.common import check_destination, with_path
 from geb.errors import GebError
 from geb.interop.common import GebFolder, half_to_interleaved
 

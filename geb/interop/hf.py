@@ -83,7 +83,7 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "float32") ->
     """Write a geb folder as a Hugging Face Llama folder (config, safetensors, tokenizer, generation config)."""
     from safetensors.torch import save_file
 
-    from geb.checkpoint import AtomicFolder
+    from geb.common import AtomicFolder
 
     if dtype not in DTYPES:
         raise GebError(f"unknown dtype {dtype!r} (choose from: {', '.join(DTYPES)})")
