@@ -19,7 +19,6 @@ import hashlib
 import math
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess

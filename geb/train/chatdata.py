@@ -289,6 +289,20 @@ def load_train_val(loader, data: Data, val_data: Data | None, val_fraction: floa
     return train, val, reports, data_hash, val_hash
 
 
+def check_resumed_data(out_dir, old_meta: dict, data_hash: str, val_hash: str | None) -> None:
+    """A resumed SFT/DPO run must read the data it started on (the hashes in its meta.json)."""
+    if data_hash != old_meta.get("data_hash") or val_hash != old_meta.get("val_data_hash"):
+        raise GebError(f"{out_dir}: the data differ from the run being resumed (hash {data_hash} vs "
+                       f"{old_meta.get('data_hash')}); resume with the same files")
+
+
+def data_label(data: Data | None) -> str | None:
+    """How meta.json names the data a stage read: the path, or "<records>" for records given in memory."""
+    if data is None:
+        return None
+    return str(data) if isinstance(data, (str, Path)) else "<records>"
+
+
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices (train, validation) with a seeded `fraction` held out (at least one when fraction > 0)."""
     import random
