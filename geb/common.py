@@ -77,6 +77,21 @@ def atomic_write_json(path: str | Path, obj, *, indent: int | None = 1, default=
     return atomic_write_text(path, text, **kw)
 
 
+def read_json_object(path: str | Path, what: str) -> dict:
+    """The JSON object in `path`, or a GebError naming the file: missing ("WHAT not found"), not UTF-8
+    JSON, or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise GebError(f"{path}: {what} not found")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GebError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise GebError(f"{path}: expected a JSON object")
+    return d
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from geb.common import read_json_object
 from geb.errors import GebError
 
 # The config.json field a quantized folder adds beside the model shape (geb.infer.weights owns its contents).
@@ -121,15 +122,7 @@ class ModelConfig:
     def load_with_quantization(cls, path: str | Path) -> tuple["ModelConfig", dict | None]:
         """(config, the `quantization` field or None) of a config.json. The field is what `geb quantize`
         adds (geb.infer.weights writes and validates its contents); a full-precision folder has none."""
-        path = Path(path)
-        if not path.is_file():
-            raise GebError(f"{path}: model config not found")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GebError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise GebError(f"{path}: expected a JSON object")
+        d = read_json_object(path, "model config")
         q = d.pop(QUANTIZATION, None)
         return cls.from_dict(d, source=str(path)), q
 

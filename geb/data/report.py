@@ -12,8 +12,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from geb.common import atomic_write, atomic_write_json
 from geb.data import settings as S
-from geb.common import atomic_write_json
 from geb.data.metering import snippet
 
 MAX_REJECT_EXAMPLES = 20
@@ -158,10 +158,8 @@ def _chart(steps: list[dict], path: Path) -> str | None:
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:,}", va="center", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)
-    tmp.replace(path)
     return path.name
 
 

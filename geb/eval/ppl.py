@@ -10,10 +10,10 @@ tokenizers can be compared; token perplexity cannot.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from geb.common import atomic_write_json, now_iso
 from geb.errors import GebError
 from geb.infer.scoring import load_scorer
 from geb.scoring import Scorer, bits_per_byte, perplexity_from
@@ -33,7 +33,6 @@ def perplexity(model_dir=None, data=None, split: str = "val", max_tokens: int | 
                stride: int | None = None, model=None, tokenizer=None, out=None) -> dict:
     """Score `data` (a UTF-8 text file or a token folder) and return the figures as a dict."""
     from geb import __version__
-    from geb.common import now_iso
 
     if data is None:
         raise GebError("no data given (--data FILE or token folder)")
@@ -90,9 +89,5 @@ def perplexity(model_dir=None, data=None, split: str = "val", max_tokens: int | 
         "date": now_iso(), "geb_version": __version__,
     }
     if out is not None:
-        o = Path(out)
-        o.parent.mkdir(parents=True, exist_ok=True)
-        tmp = o.with_name(f".{o.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(o)
+        atomic_write_json(out, res, indent=2)
     return res

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
+from geb.common import read_json_object
 from geb.config import ModelConfig
 from geb.errors import GebError
-from geb.interop.common import interleaved_to_half, read_json, read_sharded
+from geb.interop.common import interleaved_to_half, read_sharded
 
 KV_ORDERS = ("interleaved", "split")
 MLP_ORDERS = ("gate-up", "up-gate")
@@ -234,7 +235,7 @@ def _open(path: str | Path):
     folder = Path(path)
     if not folder.is_dir():
         raise GebError(f"{folder}: release folder not found")
-    cfg_raw = read_json(folder / "config.json", "model config")
+    cfg_raw = read_json_object(folder / "config.json", "model config file")
     base = release_config(cfg_raw, str(folder / "config.json"))
     return folder, cfg_raw, base
 
