@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from geb.common import atomic_write_text, now_iso
+from geb.common import atomic_write_json, atomic_write_text, now_iso
 
 
 @dataclass
@@ -82,7 +82,7 @@ def stage_corpus(ctx: Context) -> None:
     raw = ctx.path("raw")
     if not raw.is_dir():
         injected = corpus.write_raw_corpus(raw, seed=seed, bad_input=True, repeats=ctx.cfg.corpus_repeats)
-        (raw.parent / "raw_injected.json").write_text(json.dumps(injected, indent=2) + "\n")
+        atomic_write_text(raw.parent / "raw_injected.json", json.dumps(injected, indent=2) + "\n")
     injected = json.loads((raw.parent / "raw_injected.json").read_text())
     report = run_pipeline(raw, ctx.path("data"), workers=1, overrides={"rules": {"t2s": {"enabled": True}}})
     steps = report["steps"]
@@ -446,10 +446,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                         + serve_command(ctx.path("ckpt", "dpo")) + "\n```\n")
     summary = {"created": now_iso(), "config": asdict(cfg), "results": ctx.results, "stage_seconds": timings,
                "total_seconds": round(time.time() - ctx.t0, 1)}
-    (ctx.out / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(ctx.out / "report.json", summary, indent=2)
     head = (f"# geb quickstart report\n\nMade {summary['created']} by `geb quickstart` in "
             f"{summary['total_seconds']:.0f} s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}).\n\n")
-    (ctx.out / "report.md").write_text(head + "\n".join(ctx.sections))
+    atomic_write_text(ctx.out / "report.md", head + "\n".join(ctx.sections))
     ctx.say(f"report: {ctx.out / 'report.md'}")
     return summary
 

@@ -89,9 +89,13 @@ class Scorer:
     # -- core -----------------------------------------------------------------------------------
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """Normed hidden states [N, d] → log-probs [N, V] over the tokenizer's real vocabulary."""
-        logits = self.model.lm_head(hidden).float()
+        return self._masked_log_probs(self.model.lm_head(hidden))
+
+    def _masked_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-softmax in FP32 with the padded vocabulary rows (past the tokenizer's) masked out."""
+        logits = logits.float()
         if self.n_vocab < logits.shape[-1]:
-            logits[:, self.n_vocab:] = float("-inf")
+            logits[..., self.n_vocab:] = float("-inf")
         return torch.log_softmax(logits, dim=-1)
 
     def _prefix_cache(self, prefix: list[int], batch: int, extra: int) -> KVCache:

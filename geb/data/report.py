@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from geb.common import atomic_write, atomic_write_json
+from geb.common import atomic_write, atomic_write_json, atomic_write_text
 from geb.data import settings as S
 from geb.data.metering import snippet
 
@@ -137,7 +137,7 @@ def build_report(L, settings: dict, files: list[str], stages, times: dict, elaps
         report["input"]["note"] = "the input folder holds no files"
     atomic_write_json(L.out / "report.json", report)
     chart = _chart(steps, L.out / "report.png")
-    (L.out / "report.md").write_text(_markdown(report, chart), encoding="utf-8")
+    atomic_write_text(L.out / "report.md", _markdown(report, chart))
     return report
 
 

@@ -207,11 +207,11 @@ def write_task_configs(benchmark: str, data_dir, out_dir, split: str | None = No
             "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true",
             "metadata:\n  version: 1.0",
         ]
-        (out / f"{task}.yaml").write_text("\n".join(x for x in lines if x) + "\n", encoding="utf-8")
+        atomic_write_text(out / f"{task}.yaml", "\n".join(x for x in lines if x) + "\n")
     group = [f"group: geb_{benchmark}", "task:", *(f"  - {t}" for t in names),
              "aggregate_metric_list:\n  - metric: acc\n    aggregation: mean\n    weight_by_size: true",
              "metadata:\n  version: 1.0"]
-    (out / f"_geb_{benchmark}.yaml").write_text("\n".join(group) + "\n", encoding="utf-8")
+    atomic_write_text(out / f"_geb_{benchmark}.yaml", "\n".join(group) + "\n")
     return names
 
 

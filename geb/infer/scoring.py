@@ -30,12 +30,6 @@ class RuntimeScorer(Scorer):
         self.device = torch.device("cpu")
         self.prefix_forwards = 0
 
-    def _masked_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.n_vocab < logits.shape[-1]:
-            logits[..., self.n_vocab:] = float("-inf")
-        return torch.log_softmax(logits, dim=-1)
-
     def _seq_log_probs(self, ids: list[int]) -> torch.Tensor:
         with self.rt.threads_scope():
             return self._masked_log_probs(self.rt.forward_logits(ids))
