@@ -107,18 +107,24 @@ def _special_splitter(hf_tok):
     return specials, sorted(specials, key=len, reverse=True)
 
 
+def message_parts(i: int, m, roles) -> tuple[str, str]:
+    """(role, content) of message `i` of a chat, or a GebError saying what is wrong with it."""
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise GebError(f"message {i}: expected an object with 'role' and 'content'")
+    role, content = m["role"], m["content"]
+    if role not in roles:
+        raise GebError(f"message {i}: unknown role {role!r} (expected one of {', '.join(roles)})")
+    if not isinstance(content, str):
+        raise GebError(f"message {i}: 'content' must be a string")
+    return role, content
+
+
 def render(fmt: ChatFormat, hf_tok, messages: list[dict], add_generation_prompt: bool, roles) -> tuple[list[int], list[int]]:
     specials, ordered = _special_splitter(hf_tok)
     # pieces: (text, is_content, trains)
     pieces: list[tuple[str, bool, bool]] = [(fmt.prefix, False, False)]
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise GebError(f"message {i}: expected an object with 'role' and 'content'")
-        role, content = m["role"], m["content"]
-        if role not in roles:
-            raise GebError(f"message {i}: unknown role {role!r} (expected one of {', '.join(roles)})")
-        if not isinstance(content, str):
-            raise GebError(f"message {i}: 'content' must be a string")
+        role, content = message_parts(i, m, roles)
         before, after = fmt.message.split("{content}")
         pieces += [(before.replace("{role}", role), False, False), (content, True, role == "assistant"),
                    (after.replace("{role}", role), False, False)]

@@ -6,214 +6,27 @@ tokens seen) and, for training stages, `train_state.pt` (optimizer, RNG and data
 Folders are written under a temporary name and renamed, so a crash never leaves a finished-looking
 half checkpoint.
 
-Every writer of an artifact (model folder, token folder, data-run folder, HF export, GGUF file) goes
-through `check_destination`: an existing destination is replaced only when it is a geb artifact of the
-same kind (or empty); anything else is refused unless `force`, which says what it deletes. Temporary
-names of an earlier crashed writer (`.NAME.tmp-PID`, `.NAME.old-PID`) are cleaned there too.
-
-torch is imported inside the functions that need it: the data pipeline uses AtomicFolder and
-check_destination without loading torch.
+The folder is published by geb.common.AtomicFolder, which also guards the destination (only a geb
+model folder is replaced). torch is imported inside the functions that need it, so reading a folder's
+meta.json does not load torch.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from geb import __version__
-from geb.common import now_iso  # noqa: F401  (geb.checkpoint.now_iso: the artifacts' timestamp)
+from geb.common import CONFIG, META, AtomicFolder, now_iso
 from geb.config import ModelConfig
 from geb.errors import GebError
 
 WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-META = "meta.json"
 TRAIN_STATE = "train_state.pt"
-MARKER = ".geb-artifact"  # {"kind": ...}: written into every folder AtomicFolder publishes with a kind
 
 if TYPE_CHECKING:
     import torch
-
-
-# -- destinations ------------------------------------------------------------------------------------
-KINDS = {"model": "geb model folder", "tokens": "geb token folder", "data": "geb data-run folder",
-         "hf": "geb Hugging Face export folder", "gguf": "GGUF file", "eval": "geb evaluation run folder"}
-# what a training run writes into --out before its first checkpoint (a run killed that early)
-_RUN_LOGS = {"metrics.jsonl", "loss.png"}
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)$")
-
-
-def _json_obj(f: Path) -> dict:
-    try:
-        obj = json.loads(f.read_text())
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
-def artifact_kind(path: str | Path) -> str | None:
-    """The kind of geb artifact at `path` (a key of KINDS), or None when geb did not write it."""
-    from geb.data.tokens import FORMAT as TOKENS_FORMAT
-
-    p = Path(path)
-    if p.is_file():
-        with open(p, "rb") as f:
-            return "gguf" if f.read(4) == b"GGUF" else None
-    if not p.is_dir():
-        return None
-    kind = _json_obj(p / MARKER).get("kind")
-    if kind in KINDS:
-        return kind
-    meta = _json_obj(p / META)
-    if meta.get("format") == TOKENS_FORMAT:
-        return "tokens"
-    if "geb_version" in meta and (p / CONFIG).is_file():
-        return "model"
-    if _json_obj(p / CONFIG).get("stage") == "data" or (p / "work" / "run.json").is_file():
-        return "data"
-    # evaluation runs written before they carried the marker (geb eval mcq / toxicity)
-    if ((p / "results.json").is_file() and (p / "predictions.jsonl").is_file()) or \
-            ((p / "toxicity.json").is_file() and (p / "samples.jsonl").is_file()):
-        return "eval"
-    names = {c.name for c in p.iterdir() if not c.name.startswith(".")}
-    if names and names <= _RUN_LOGS:
-        return "model"
-    return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale(final: str | Path) -> list[Path]:
-    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` siblings of `final` whose writer process is gone.
-
-    A writer killed between its two renames leaves `final` missing and the previous artifact in
-    `.NAME.old-PID`: that one is put back instead. Returns what was removed or restored."""
-    final = Path(final)
-    parent = final.parent if str(final.parent) else Path(".")
-    if not parent.is_dir():
-        return []
-    done = []
-    for p in sorted(parent.iterdir()):
-        m = _TEMP.match(p.name)
-        if not m or m["name"] != final.name or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
-            continue
-        if m["what"] == "old" and not final.exists():
-            os.replace(p, final)
-        elif p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        done.append(p)
-    return done
-
-
-def _describe(path: Path) -> str:
-    if not path.is_dir():
-        return f"a file of {path.stat().st_size:,} bytes"
-    files = []
-    for root, _, names in os.walk(path):
-        files += [os.path.relpath(os.path.join(root, n), path) for n in names]
-        if len(files) > 1000:
-            break
-    shown = ", ".join(sorted(files)[:5]) + (" ..." if len(files) > 5 else "")
-    return f"{len(files)}{'+' if len(files) > 1000 else ''} file(s): {shown}" if files else "empty sub-folders"
-
-
-def check_destination(path: str | Path, kind: str, force: bool = False, log=print) -> Path:
-    """Make sure writing a `kind` artifact to `path` loses nothing that geb did not write.
-
-    Nothing there, an empty folder, or a geb artifact of the same kind: fine (the writer replaces it
-    atomically). Anything else is refused with a GebError, unless `force`: then this says what it
-    deletes and deletes it. Stale temporary siblings of a crashed writer are cleaned first."""
-    path = Path(path)
-    clean_stale(path)
-    if not path.exists() and not path.is_symlink():
-        return path
-    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
-        return path
-    found = artifact_kind(path)
-    if found == kind:
-        return path
-    what = _describe(path)
-    is_a = f"a {KINDS[found]}, not a {KINDS[kind]}" if found else f"not a {KINDS[kind]}"
-    if not force:
-        raise GebError(f"{path}: already exists and is {is_a} (it holds {what}); nothing was written. "
-                       f"Choose another output, or add --force to delete it")
-    log(f"--force: deleting {path} ({what})")
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-    return path
-
-
-def with_path(e: OSError, path: str | Path, temp: str | Path | None = None) -> OSError:
-    """`e` naming `path`: a failed write() on an open file (ENOSPC) carries no file name, and a name
-    inside the writer's temporary folder `temp` means nothing to the user."""
-    name = e.filename
-    if name is None or (temp is not None and str(name).startswith(str(temp))):
-        return OSError(e.errno, e.strerror or (os.strerror(e.errno) if e.errno else str(e)), str(path))
-    return e
-
-
-class AtomicFolder:
-    """Context manager: yields a temporary folder, renamed to `final` on success, removed on failure.
-
-    With a `kind` (a key of KINDS) the destination is checked first (check_destination: only an
-    artifact of that kind is replaced) and a marker naming the kind is written into the folder."""
-
-    def __init__(self, final: str | Path, kind: str | None = None):
-        self.final = Path(final)
-        self.kind = kind
-        self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        if self.kind is not None:
-            check_destination(self.final, self.kind)
-        else:
-            clean_stale(self.final)
-        try:
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
-            self.tmp.mkdir(parents=True)
-        except OSError as e:
-            raise with_path(e, self.final, self.tmp) from None
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, OSError):
-                err = with_path(exc, self.final, self.tmp)
-                if err is not exc:
-                    raise err from None
-            return
-        old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-        try:
-            if self.kind is not None:
-                (self.tmp / MARKER).write_text(json.dumps({"kind": self.kind, "geb_version": __version__}) + "\n")
-            if self.final.exists():
-                os.replace(self.final, old)
-            os.replace(self.tmp, self.final)
-        except OSError as e:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if old.exists() and not self.final.exists():
-                os.replace(old, self.final)
-            raise with_path(e, self.final, self.tmp) from None
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _contiguous_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -314,10 +127,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     from geb.tokenizer import Tokenizer
 
     folder = check_folder(folder)
-    cfg = ModelConfig.load(folder / CONFIG)
-    raw = json.loads((folder / CONFIG).read_text())
-    if raw.get("quantization"):
-        raise GebError(f"{folder}: a quantized checkpoint ({raw['quantization'].get('format')}); "
+    cfg, q = ModelConfig.load_with_quantization(folder / CONFIG)
+    if q:
+        raise GebError(f"{folder}: a quantized checkpoint ({q.get('format')}); "
                        "load it through geb.infer (every inference command accepts it)")
     with torch.device("meta"):
         model = GEB(cfg)

@@ -11,7 +11,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from geb.common import read_json_object
 from geb.errors import GebError
+
+# The config.json field a quantized folder adds beside the model shape (geb.infer.weights owns its contents).
+QUANTIZATION = "quantization"
 
 
 @dataclass
@@ -104,22 +108,23 @@ class ModelConfig:
         except TypeError as e:
             raise GebError(f"{source}: {e}") from None
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path: str | Path, quantization: dict | None = None) -> None:
+        """config.json; a quantized folder's also carries its `quantization` field (see load_with_quantization)."""
+        d = self.to_dict() if quantization is None else {**self.to_dict(), QUANTIZATION: quantization}
+        Path(path).write_text(json.dumps(d, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise GebError(f"{path}: model config not found")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise GebError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise GebError(f"{path}: expected a JSON object")
-        d.pop("quantization", None)  # written by `geb quantize`, read by the engine
-        return cls.from_dict(d, source=str(path))
+        """The model shape in a config.json, full-precision or quantized folder alike."""
+        return cls.load_with_quantization(path)[0]
+
+    @classmethod
+    def load_with_quantization(cls, path: str | Path) -> tuple["ModelConfig", dict | None]:
+        """(config, the `quantization` field or None) of a config.json. The field is what `geb quantize`
+        adds (geb.infer.weights writes and validates its contents); a full-precision folder has none."""
+        d = read_json_object(path, "model config")
+        q = d.pop(QUANTIZATION, None)
+        return cls.from_dict(d, source=str(path)), q
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

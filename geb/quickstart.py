@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from geb.common import atomic_write_text, now_iso
+from geb.common import atomic_write_json, atomic_write_text, now_iso
 
 
 @dataclass
@@ -82,7 +82,7 @@ def stage_corpus(ctx: Context) -> None:
     raw = ctx.path("raw")
     if not raw.is_dir():
         injected = corpus.write_raw_corpus(raw, seed=seed, bad_input=True, repeats=ctx.cfg.corpus_repeats)
-        (raw.parent / "raw_injected.json").write_text(json.dumps(injected, indent=2) + "\n")
+        atomic_write_text(raw.parent / "raw_injected.json", json.dumps(injected, indent=2) + "\n")
     injected = json.loads((raw.parent / "raw_injected.json").read_text())
     report = run_pipeline(raw, ctx.path("data"), workers=1, overrides={"rules": {"t2s": {"enabled": True}}})
     steps = report["steps"]
@@ -243,26 +243,35 @@ def stage_heldout(ctx: Context) -> None:
         "| lang | prompt | output | expected | |\n|---|---|---|---|---|\n" + table + "\n")
 
 
-def stage_sft(ctx: Context) -> None:
-    """Supervised fine-tuning on the built-in conversations; chat before (base model) and after."""
-    from geb import corpus
+def _fine_tune(ctx: Context, name: str, records, run, lr: float, parent: str, **kw) -> tuple[Path, Path, dict]:
+    """An SFT or DPO stage: its built-in data written once, then trained from the `parent` stage's
+    checkpoint unless finished (a killed run resumes). Returns (data file, checkpoint folder, its meta)."""
     from geb.checkpoint import read_meta
     from geb.train.loop import TrainConfig
-    from geb.train.sft import run_sft
 
     c = ctx.cfg
-    data = ctx.path("corpus", "sft.jsonl")
+    data = ctx.path("corpus", f"{name}.jsonl")
     if not data.is_file():
-        _write_jsonl(data, corpus.sft_conversations(c.seed))
-    ck = ctx.path("ckpt", "sft")
+        _write_jsonl(data, records(c.seed))
+    ck = ctx.path("ckpt", name)
     meta = read_meta(ck)
     if not meta.get("final"):
         resume = (ck / "train_state.pt").is_file()
-        tc = TrainConfig(steps=1, batch_size=c.batch_size, lr=c.sft_lr, min_lr=c.sft_lr / 10, weight_decay=0.0,
+        tc = TrainConfig(steps=1, batch_size=c.batch_size, lr=lr, min_lr=lr / 10, weight_decay=0.0,
                          eval_every=5, eval_batches=4, save_every=25, log_every=1, seed=c.seed)
-        meta = run_sft(None if resume else ctx.path("ckpt", "pretrain"), data, ck, val_fraction=0.05,
-                       train_config=tc, epochs=c.sft_epochs, warmup_ratio=0.1, seq_len=c.sft_seq_len,
-                       on_bad="skip", resume=resume, quiet=c.small)
+        meta = run(None if resume else ctx.path("ckpt", parent), data, ck, train_config=tc, warmup_ratio=0.1,
+                   on_bad="skip", resume=resume, quiet=c.small, **kw)
+    return data, ck, meta
+
+
+def stage_sft(ctx: Context) -> None:
+    """Supervised fine-tuning on the built-in conversations; chat before (base model) and after."""
+    from geb import corpus
+    from geb.train.sft import run_sft
+
+    c = ctx.cfg
+    _, ck, meta = _fine_tune(ctx, "sft", corpus.sft_conversations, run_sft, c.sft_lr, "pretrain", val_fraction=0.05,
+                             epochs=c.sft_epochs, seq_len=c.sft_seq_len)
     prompts = _chat_prompts(ctx)
     before, after = _chat_eval(ctx.path("ckpt", "pretrain"), prompts), _chat_eval(ck, prompts)
     _write_jsonl(ctx.path("samples", "chat_sft.jsonl"),
@@ -296,23 +305,11 @@ def stage_sft(ctx: Context) -> None:
 def stage_dpo(ctx: Context) -> None:
     """DPO on built-in preference pairs (language, fact, refusal); reward accuracy and chat before/after."""
     from geb import corpus
-    from geb.checkpoint import read_meta
     from geb.train.dpo import run_dpo
-    from geb.train.loop import TrainConfig
 
     c = ctx.cfg
-    data = ctx.path("corpus", "dpo.jsonl")
-    if not data.is_file():
-        _write_jsonl(data, corpus.preference_pairs(c.seed))
-    ck = ctx.path("ckpt", "dpo")
-    meta = read_meta(ck)
-    if not meta.get("final"):
-        resume = (ck / "train_state.pt").is_file()
-        tc = TrainConfig(steps=1, batch_size=c.batch_size, lr=c.dpo_lr, min_lr=c.dpo_lr / 10, weight_decay=0.0,
-                         eval_every=5, eval_batches=4, save_every=25, log_every=1, seed=c.seed)
-        meta = run_dpo(None if resume else ctx.path("ckpt", "sft"), data, ck, val_fraction=0.1, beta=c.dpo_beta,
-                       train_config=tc, epochs=c.dpo_epochs, warmup_ratio=0.1, on_bad="skip", resume=resume,
-                       quiet=c.small)
+    data, ck, meta = _fine_tune(ctx, "dpo", corpus.preference_pairs, run_dpo, c.dpo_lr, "sft", val_fraction=0.1,
+                                beta=c.dpo_beta, epochs=c.dpo_epochs)
     refusal = corpus.refusal_eval_prompts(c.seed)
     ref_before, ref_after = _chat_eval(ctx.path("ckpt", "sft"), refusal), _chat_eval(ck, refusal)
     # harmful requests that SFT and DPO trained on: learned at all, as against generalised above
@@ -449,10 +446,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                         + serve_command(ctx.path("ckpt", "dpo")) + "\n```\n")
     summary = {"created": now_iso(), "config": asdict(cfg), "results": ctx.results, "stage_seconds": timings,
                "total_seconds": round(time.time() - ctx.t0, 1)}
-    (ctx.out / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(ctx.out / "report.json", summary, indent=2)
     head = (f"# geb quickstart report\n\nMade {summary['created']} by `geb quickstart` in "
             f"{summary['total_seconds']:.0f} s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}).\n\n")
-    (ctx.out / "report.md").write_text(head + "\n".join(ctx.sections))
+    atomic_write_text(ctx.out / "report.md", head + "\n".join(ctx.sections))
     ctx.say(f"report: {ctx.out / 'report.md'}")
     return summary
 

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from geb.chat_format import message_parts
 from geb.errors import GebError
 
 EOS = "<|endoftext|>"
@@ -211,13 +212,7 @@ class Tokenizer:
         ids: list[int] = []
         mask: list[int] = []
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise GebError(f"message {i}: expected an object with 'role' and 'content'")
-            role, content = m["role"], m["content"]
-            if role not in ROLES:
-                raise GebError(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-            if not isinstance(content, str):
-                raise GebError(f"message {i}: 'content' must be a string")
+            role, content = message_parts(i, m, ROLES)
             header = f"{role}\n"
             self._tok.encode_special_tokens = True
             try:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from geb.checkpoint import clean_stale
-from geb.common import atomic_write, atomic_write_json, atomic_write_text, temp_path
+from geb.common import atomic_write, atomic_write_json, atomic_write_text, clean_stale, temp_path
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

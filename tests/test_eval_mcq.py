@@ -15,7 +15,7 @@ from geb.errors import GebError
 from geb.eval import prompts
 from geb.eval.benchmarks import Item, Subject, load_benchmark
 from geb.eval.mcq import evaluate
-from geb.eval.scoring import Row, Scorer
+from geb.scoring import Row, Scorer
 
 _ROOT = Path(__file__).resolve().parents[1]
 SHARED = next((p / "shared" / "data" for p in (_ROOT.parent, _ROOT.parent.parent) if (p / "shared").is_dir()),
@@ -288,7 +288,7 @@ def test_real_benchmark_smoke(bench, subjects, tiny_model_dir, tmp_path):
 
 
 def test_quantized_folders_are_scored_through_the_engine(tmp_path, long_model_dir, loaded):
-    from geb.eval.scoring import RuntimeScorer
+    from geb.infer.scoring import RuntimeScorer
     from geb.infer.engine import Engine
     from geb.infer.weights import quantize_folder
 
@@ -362,7 +362,7 @@ def test_the_data_filter_and_the_quantization_report_share_the_scorer(long_model
     import math
 
     from geb.data.lm import GebModelScorer
-    from geb.eval.scoring import perplexity_of
+    from geb.scoring import perplexity_of
     from geb.infer.bench import perplexity
     from geb.infer.weights import load_runtime
 

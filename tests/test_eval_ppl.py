@@ -10,7 +10,7 @@ import torch
 
 from geb.errors import GebError
 from geb.eval.ppl import perplexity
-from geb.eval.scoring import Scorer
+from geb.scoring import Scorer
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from geb.checkpoint import MARKER, AtomicFolder, artifact_kind, check_destination, load_model
+from geb.checkpoint import load_model
+from geb.common import MARKER, AtomicFolder, artifact_kind, check_destination
 from geb.cli import main
 from geb.data.tokens import TokenData, TokenWriter
 from geb.errors import GebError

@@ -30,8 +30,8 @@ def run(args) -> int:
     import datetime
     import json
     import sys
-    from pathlib import Path
 
+    from geb.common import atomic_write_text
     from geb.cpu import physical_cores
     from geb.config import get_preset
     from geb.errors import GebError
@@ -83,10 +83,6 @@ def run(args) -> int:
             print(f"  {r['format']:>5} t{r['threads']}: decode {100 * r['decode_of_bound']:.0f}% of the bandwidth bound "
                   f"({r['decode_bound_tok_s']:.1f} tok/s)")
     if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(out)
+        out = atomic_write_text(args.json_out, json.dumps(report, indent=2) + "\n")
         print(f"wrote {out}")
     return 0

@@ -72,7 +72,7 @@ def claim_output(path, kind: str, force: bool) -> None:
     before any work starts. Under torchrun only rank 0 looks: the others would race its deletion."""
     import os
 
-    from geb.checkpoint import check_destination
+    from geb.common import check_destination
 
     if path is not None and os.environ.get("RANK", "0") == "0":
         check_destination(path, kind, force=force)

@@ -182,18 +182,8 @@ def _junk(rng: random.Random) -> tuple[str, set[str]]:
     return "\n".join(lines), {"symbol_lines", "incomplete_lines", "urls"}
 
 
-def write_raw_corpus(folder: str | Path, seed: int = 0, bad_input: bool = False, repeats: int = 1) -> dict:
-    """Write the noisy raw corpus into `folder` and return what it holds:
-    `{"documents", "characters", "clean_documents", "files": {path: documents},
-    "injected": {kind: documents carrying it}, "bad_input": {problem: lines}}`.
-
-    `injected` counts documents: a duplicated noisy document counts twice; `exact_duplicates` and
-    `near_duplicates` count the added copies, `junk_documents` the pages made only of noise."""
-    rng = random.Random(f"geb-corpus:{seed}:raw")
-    clean = pretrain_texts(seed, repeats)
-    docs: list[dict] = [{"text": t, "kinds": set()} for t in clean]
-    per_kind = max(2, len(docs) // 40)
-
+def _inject_noise(docs: list[dict], rng: random.Random, per_kind: int) -> list[dict]:
+    """Put each noise kind into `per_kind` documents, one kind per document; returns the untouched ones."""
     order = list(range(len(docs)))
     rng.shuffle(order)
     free = iter(order)
@@ -211,8 +201,11 @@ def write_raw_corpus(folder: str | Path, seed: int = 0, bad_input: bool = False,
                     continue  # this document does not fit the kind (it stays clean and unused)
             d["text"], done = new, done + 1
             d["kinds"].add(kind)
-    untouched = [docs[i] for i in free]  # documents no noise went into
+    return [docs[i] for i in free]  # documents no noise went into
 
+
+def _add_duplicates_and_junk(docs: list[dict], untouched: list[dict], rng: random.Random, per_kind: int) -> None:
+    """Append near-duplicates of untouched documents, pages of pure noise, then exact copies."""
     extra: list[dict] = []
     long_enough = [d for d in untouched if len(d["text"]) >= (250 if _lang(d["text"]) == "en" else 90)]
     for src in rng.sample(long_enough, per_kind):  # long sources keep the pair similar under any shingling
@@ -224,7 +217,9 @@ def write_raw_corpus(folder: str | Path, seed: int = 0, bad_input: bool = False,
     for src in rng.sample([d for d in docs if "near_duplicates" not in d["kinds"]], per_kind):
         docs.append({"text": src["text"], "kinds": src["kinds"] | {"exact_duplicates"}, "copy": True})
 
-    # Route documents to files by language; copies go to another file than most of their kind.
+
+def _route(docs: list[dict], rng: random.Random) -> tuple[dict[str, list[str]], list[str]]:
+    """Documents to files by language (copies go to another file than most of their kind), a few to notes."""
     files: dict[str, list[str]] = {"web_en.jsonl": [], "web_zh.jsonl": [], "bilingual.jsonl.gz": []}
     notes: list[str] = []
     home = {"en": "web_en.jsonl", "zh": "web_zh.jsonl", "bi": "bilingual.jsonl.gz"}
@@ -235,7 +230,11 @@ def write_raw_corpus(folder: str | Path, seed: int = 0, bad_input: bool = False,
             notes.append(d["text"])
         else:
             files[home[_lang(d["text"])]].append(d["text"])
+    return files, notes
 
+
+def _render(files: dict[str, list[str]], notes: list[str]) -> tuple[dict[str, bytes], dict[str, int]]:
+    """({relative path: bytes}, {relative path: documents}): JSONL (gzip for .gz) files and plain-text notes."""
     payload: dict[str, bytes] = {}
     counts: dict[str, int] = {}
     for name, texts in files.items():
@@ -247,14 +246,35 @@ def write_raw_corpus(folder: str | Path, seed: int = 0, bad_input: bool = False,
     for n, t in enumerate(notes):
         payload[f"notes/note_{n:03d}.txt"] = t.encode("utf-8")
         counts[f"notes/note_{n:03d}.txt"] = 1
+    return payload, counts
+
+
+# one broken line of each kind the reader must survive, and how many of each
+_BROKEN_JSONL = ('{"id": "broken-0", "text": "An unterminated record\n'
+                '{"id": "broken-1", "body": "A record without a text field."}\n'
+                '{"id": "broken-2", "text": ""}\n'.encode("utf-8")
+                + b'{"id": "broken-3", "text": "Invalid bytes \xff\xfe here."}\n')
+_BROKEN_COUNTS = {"invalid_json": 1, "missing_text": 1, "empty_text": 1, "invalid_utf8": 1}
+
+
+def write_raw_corpus(folder: str | Path, seed: int = 0, bad_input: bool = False, repeats: int = 1) -> dict:
+    """Write the noisy raw corpus into `folder` and return what it holds:
+    `{"documents", "characters", "clean_documents", "files": {path: documents},
+    "injected": {kind: documents carrying it}, "bad_input": {problem: lines}}`.
+
+    `injected` counts documents: a duplicated noisy document counts twice; `exact_duplicates` and
+    `near_duplicates` count the added copies, `junk_documents` the pages made only of noise."""
+    rng = random.Random(f"geb-corpus:{seed}:raw")
+    clean = pretrain_texts(seed, repeats)
+    docs: list[dict] = [{"text": t, "kinds": set()} for t in clean]
+    per_kind = max(2, len(docs) // 40)
+    untouched = _inject_noise(docs, rng, per_kind)
+    _add_duplicates_and_junk(docs, untouched, rng, per_kind)
+    payload, counts = _render(*_route(docs, rng))
     bad = {}
     if bad_input:
-        payload["broken.jsonl"] = (
-            '{"id": "broken-0", "text": "An unterminated record\n'
-            '{"id": "broken-1", "body": "A record without a text field."}\n'
-            '{"id": "broken-2", "text": ""}\n'.encode("utf-8")
-            + b'{"id": "broken-3", "text": "Invalid bytes \xff\xfe here."}\n')
-        bad = {"invalid_json": 1, "missing_text": 1, "empty_text": 1, "invalid_utf8": 1}
+        payload["broken.jsonl"] = _BROKEN_JSONL
+        bad = dict(_BROKEN_COUNTS)
 
     folder = Path(folder)
     for rel, data in payload.items():  # everything is rendered before the first file is written

@@ -11,11 +11,11 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import random
 from collections import defaultdict
 from pathlib import Path
 
+from geb.common import atomic_write
 from geb.errors import GebError
 
 FORMAT = "geb-char-ngram-v1"
@@ -108,13 +108,12 @@ class CharNgramLM:
 
     # -- io -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
-            json.dump({"meta": {**self.meta, "format": FORMAT, "order": self.order, "discount": self.discount},
-                       "counts": [dict(c) for c in self.counts]}, f, ensure_ascii=False)
-        os.replace(tmp, path)
+        def write(tmp: Path) -> None:
+            with gzip.open(tmp, "wt", encoding="utf-8") as f:
+                json.dump({"meta": {**self.meta, "format": FORMAT, "order": self.order, "discount": self.discount},
+                           "counts": [dict(c) for c in self.counts]}, f, ensure_ascii=False)
+
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: str | Path) -> "CharNgramLM":
@@ -137,16 +136,16 @@ class CharNgramLM:
 
 class GebModelScorer:
     """Per-token perplexity under a geb model folder (its own tokenizer; full-precision or quantized),
-    through geb.eval.scoring's one scorer: the document starts after the end-of-document id and its
+    through geb.scoring's one scorer: the document starts after the end-of-document id and its
     end is predicted too."""
 
     def __init__(self, folder: str | Path):
-        from geb.eval.scoring import load_scorer
+        from geb.infer.scoring import load_scorer
 
         self.scorer, self.tokenizer, _, _ = load_scorer(folder)
 
     def perplexity(self, text: str) -> float:
-        from geb.eval.scoring import perplexity_of
+        from geb.scoring import perplexity_of
 
         ids = self.tokenizer.encode(text, allow_special=False) + [self.tokenizer.eos_id]
         return perplexity_of(self.scorer, ids)

@@ -37,8 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geb.data import settings as S
-from geb.checkpoint import AtomicFolder, check_destination
-from geb.common import atomic_write_json
+from geb.common import AtomicFolder, atomic_write_json, check_destination
 from geb.data.metering import Meter, Timed
 from geb.errors import GebError
 
@@ -99,89 +98,111 @@ def minhash_hash_config() -> dict:
     return {"precision": 64, "hash_fc": "sha1"}
 
 
-def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, files: list[str],
-                 tasks: int | None = None) -> list[Stage]:
-    """The pipeline's datatrove stages, in order, for any executor.
+def _timed(step, label: str, L: Layout):
+    """Every step not a GEB rule is timed by a wrapper, for the report."""
+    return Timed(step, label, L.stats)
 
-    `tasks` (default: one per input file, at most 4) is the number of shards every per-document stage
-    splits the data into; a re-run resumes at task granularity. datatrove sets up logging per task
-    (~60 ms here), so many tiny tasks cost more than they save."""
-    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                                  MinhashDedupFilter, MinhashDedupSignature)
-    from datatrove.pipeline.dedup.sentence_dedup import (SentDedupConfig, SentenceDedupFilter,
-                                                         SentenceDedupSignature, SentenceFindDedups)
 
-    from datatrove.utils.hashing import HashConfig
+def _add_signatures(stages: list[Stage], step, label: str, L: Layout) -> None:
+    """A signature step reads what the stage before wrote: it runs at the end of that stage (the
+    documents pass on from its writer), which saves a stage and a pass over the files."""
+    stages[-1].pipeline.append(_timed(step, label, L))
 
+
+def _clean_stage(input_dir, files: list[str], settings: dict, L: Layout, tasks: int) -> Stage:
+    """Read, run every enabled cleaning rule and quality filter in order, write work/clean/."""
     from geb.data.readers import GebReader
-    from geb.data.text import BilingualWordTokenizer
 
-    L = Layout(output_dir)
     rules = settings["rules"]
-    tasks = max(1, min(len(files), tasks or 4))
-    classes = S.rule_classes()
-
-    def timed(step, label):  # every step not a GEB rule is timed by a wrapper, for the report
-        return Timed(step, label, L.stats)
-
-    steps = [timed(GebReader(input_dir, files, L.rejects, L.stats, **settings["read"]), "read")]
-    for name, cls in classes.items():
+    steps = [_timed(GebReader(input_dir, files, L.rejects, L.stats, **settings["read"]), "read", L)]
+    for name, cls in S.rule_classes().items():
         if rules[name]["enabled"]:
             params = {k: v for k, v in rules[name].items() if k != "enabled"}
             steps.append(cls(L.stats, **params))
     clean_out = L.work / "clean"
-    stages = [Stage("clean", [*steps, timed(_writer(clean_out), "write clean")], tasks, str(clean_out))]
-    prev = clean_out
+    return Stage("clean", [*steps, _timed(_writer(clean_out), "write clean", L)], tasks, str(clean_out))
+
+
+def _add_minhash(stages: list[Stage], prev: Path, mh: dict, hashing, L: Layout, tasks: int, output_dir) -> Path:
+    """MinHash near-duplicate removal: signatures (at the end of the previous stage), buckets, clusters,
+    then a filter over `prev`; returns the folder the filter writes."""
+    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                                  MinhashDedupFilter, MinhashDedupSignature)
+
+    from geb.data.text import BilingualWordTokenizer
+
+    cfg = MinhashConfig(n_grams=int(mh["n_grams"]), num_buckets=int(mh["num_buckets"]),
+                        hashes_per_bucket=int(mh["hashes_per_bucket"]), seed=int(mh["seed"]),
+                        hash_config=hashing)
+    base = L.work / "minhash"
+    index_dir = mh["index_dir"] or None
+    index_name = (mh["index_name"] or Path(output_dir).resolve().name) if index_dir else None
+    out = base / "out"
+    _add_signatures(stages, MinhashDedupSignature(str(base / "sigs"), cfg, language=BilingualWordTokenizer(mh["unit"])),
+                    "minhash signatures", L)
+    stages += [
+        Stage("minhash_buckets", [_timed(MinhashDedupBuckets(str(base / "sigs"), str(base / "buckets"), index_folder=index_dir,
+                                                             config=cfg, only_dedup_in_index=False,
+                                                             create_index_name=index_name), "minhash buckets", L)],
+              cfg.num_buckets),
+        Stage("minhash_cluster", [_timed(MinhashDedupCluster(str(base / "buckets"), str(base / "remove"), cfg),
+                                         "minhash cluster", L)], 1),
+        Stage("minhash_filter", [_timed(_reader(prev), "read minhash_filter", L), Meter("minhash", "in", L.stats),
+                                 _timed(MinhashDedupFilter(str(base / "remove"), exclusion_writer=_writer(L.removed / "minhash", True)),
+                                        "minhash filter", L),
+                                 Meter("minhash", "out", L.stats), _timed(_writer(out), "write minhash", L)], tasks, str(out)),
+    ]
+    return out
+
+
+def _add_span_dedup(stages: list[Stage], prev: Path, name: str, cfg, L: Layout, tasks: int) -> Path:
+    """Paragraph or sentence-span dedup (datatrove's sentence dedup under `cfg`): signatures (at the end
+    of the previous stage), a search for duplicates, then a filter over `prev`; returns its output folder."""
+    from datatrove.pipeline.dedup.sentence_dedup import SentenceDedupFilter, SentenceDedupSignature, SentenceFindDedups
+
+    from geb.data.text import BilingualWordTokenizer
+
     tok = BilingualWordTokenizer()
+    base = L.work / name
+    out = base / "out"
+    _add_signatures(stages, SentenceDedupSignature(str(base / "sigs"), config=cfg, language=tok), f"{name} signatures", L)
+    stages += [
+        Stage(f"{name}_find", [_timed(SentenceFindDedups(str(base / "sigs"), str(base / "dups"), config=cfg),
+                                      f"{name} find", L)], 1),
+        Stage(f"{name}_filter", [_timed(_reader(prev), f"read {name}_filter", L), Meter(name, "in", L.stats),
+                                 _timed(SentenceDedupFilter(str(base / "dups"), config=cfg, language=tok,
+                                                            exclusion_writer=_writer(L.removed / name, True)), f"{name} filter", L),
+                                 Meter(name, "out", L.stats), _timed(_writer(out), f"write {name}", L)], tasks, str(out)),
+    ]
+    return out
+
+
+def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, files: list[str],
+                 tasks: int | None = None) -> list[Stage]:
+    """The pipeline's datatrove stages, in order, for any executor: clean, then each enabled dedup.
+
+    `tasks` (default: one per input file, at most 4) is the number of shards every per-document stage
+    splits the data into; a re-run resumes at task granularity. datatrove sets up logging per task
+    (~60 ms here), so many tiny tasks cost more than they save."""
+    from datatrove.pipeline.dedup.sentence_dedup import SentDedupConfig
+    from datatrove.utils.hashing import HashConfig
+
+    L = Layout(output_dir)
+    rules = settings["rules"]
+    tasks = max(1, min(len(files), tasks or 4))
+    stages = [_clean_stage(input_dir, files, settings, L, tasks)]
+    prev = L.work / "clean"
     hashing = HashConfig(**minhash_hash_config())
-
-    def signatures(step, label):
-        """A signature step reads what the stage before wrote: it runs at the end of that stage (the
-        documents pass on from its writer), which saves a stage and a pass over the files."""
-        stages[-1].pipeline.append(timed(step, label))
-
-    mh = rules["minhash"]
-    if mh["enabled"]:
-        cfg = MinhashConfig(n_grams=int(mh["n_grams"]), num_buckets=int(mh["num_buckets"]),
-                            hashes_per_bucket=int(mh["hashes_per_bucket"]), seed=int(mh["seed"]),
-                            hash_config=hashing)
-        base = L.work / "minhash"
-        index_dir = mh["index_dir"] or None
-        index_name = (mh["index_name"] or Path(output_dir).resolve().name) if index_dir else None
-        out = base / "out"
-        signatures(MinhashDedupSignature(str(base / "sigs"), cfg, language=BilingualWordTokenizer(mh["unit"])),
-                   "minhash signatures")
-        stages += [
-            Stage("minhash_buckets", [timed(MinhashDedupBuckets(str(base / "sigs"), str(base / "buckets"), index_folder=index_dir,
-                                                                config=cfg, only_dedup_in_index=False,
-                                                                create_index_name=index_name), "minhash buckets")], cfg.num_buckets),
-            Stage("minhash_cluster", [timed(MinhashDedupCluster(str(base / "buckets"), str(base / "remove"), cfg), "minhash cluster")], 1),
-            Stage("minhash_filter", [timed(_reader(prev), "read minhash_filter"), Meter("minhash", "in", L.stats),
-                                     timed(MinhashDedupFilter(str(base / "remove"), exclusion_writer=_writer(L.removed / "minhash", True)),
-                                           "minhash filter"),
-                                     Meter("minhash", "out", L.stats), timed(_writer(out), "write minhash")], tasks, str(out)),
-        ]
-        prev = out
-
+    if rules["minhash"]["enabled"]:
+        prev = _add_minhash(stages, prev, rules["minhash"], hashing, L, tasks, output_dir)
     min_units = int(rules["length"]["min_units"]) if rules["length"]["enabled"] else 0
     for name, split, n in (("para_dedup", False, 1), ("sent_dedup", True, int(rules["sent_dedup"]["n_sentences"]))):
         r = rules[name]
-        if not r["enabled"]:
-            continue
-        cfg = SentDedupConfig(n_sentences=n, split_sentences=split, only_dedup_in_index=False,
-                              min_doc_words=min_units, min_num_sentences=0,
-                              min_words_to_remove_span=int(r["min_units"]), hash_config=hashing)
-        base = L.work / name
-        out = base / "out"
-        signatures(SentenceDedupSignature(str(base / "sigs"), config=cfg, language=tok), f"{name} signatures")
-        stages += [
-            Stage(f"{name}_find", [timed(SentenceFindDedups(str(base / "sigs"), str(base / "dups"), config=cfg), f"{name} find")], 1),
-            Stage(f"{name}_filter", [timed(_reader(prev), f"read {name}_filter"), Meter(name, "in", L.stats),
-                                     timed(SentenceDedupFilter(str(base / "dups"), config=cfg, language=tok,
-                                                               exclusion_writer=_writer(L.removed / name, True)), f"{name} filter"),
-                                     Meter(name, "out", L.stats), timed(_writer(out), f"write {name}")], tasks, str(out)),
-        ]
-        prev = out
+        if r["enabled"]:
+            cfg = SentDedupConfig(n_sentences=n, split_sentences=split, only_dedup_in_index=False,
+                                  min_doc_words=min_units, min_num_sentences=0,
+                                  min_words_to_remove_span=int(r["min_units"]), hash_config=hashing)
+            prev = _add_span_dedup(stages, prev, name, cfg, L, tasks)
     return stages
 
 

@@ -12,8 +12,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from geb.common import atomic_write, atomic_write_json, atomic_write_text
 from geb.data import settings as S
-from geb.common import atomic_write_json
 from geb.data.metering import snippet
 
 MAX_REJECT_EXAMPLES = 20
@@ -137,7 +137,7 @@ def build_report(L, settings: dict, files: list[str], stages, times: dict, elaps
         report["input"]["note"] = "the input folder holds no files"
     atomic_write_json(L.out / "report.json", report)
     chart = _chart(steps, L.out / "report.png")
-    (L.out / "report.md").write_text(_markdown(report, chart), encoding="utf-8")
+    atomic_write_text(L.out / "report.md", _markdown(report, chart))
     return report
 
 
@@ -158,10 +158,8 @@ def _chart(steps: list[dict], path: Path) -> str | None:
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:,}", va="center", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)
-    tmp.replace(path)
     return path.name
 
 

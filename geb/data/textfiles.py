@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from geb.checkpoint import AtomicFolder
+from geb.common import AtomicFolder
 from geb.data.tokens import TokenWriter
 from geb.errors import GebError
 

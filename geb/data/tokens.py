@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from geb.common import atomic_write, atomic_write_text
+from geb.common import TOKENS_FORMAT, atomic_write, atomic_write_text
 from geb.errors import GebError
 
-FORMAT = "geb-tokens-v1"
+FORMAT = TOKENS_FORMAT  # named in geb.common, which recognises token folders by it
 SAMPLE_BLOCKS, SAMPLE_BYTES = 16, 1 << 16
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from geb.common import atomic_write_text
 from geb.errors import GebError
 
 try:  # the optional extra: the class below exists only when lm-eval is installed
@@ -40,7 +41,8 @@ class GebLM(_LMBase):
                  max_batch_size=None, **_ignored):
         _require()
         super().__init__()
-        from geb.eval.scoring import Scorer, is_quantized, load_scorer
+        from geb.infer.scoring import is_quantized, load_scorer
+        from geb.scoring import Scorer
 
         if not path:
             raise GebError("the geb lm-eval model needs model_args path=<model folder>")
@@ -182,13 +184,9 @@ def write_task_configs(benchmark: str, data_dir, out_dir, split: str | None = No
         files = {}
         for sp, items in ((bench.split, subj.items), ("dev", subj.dev)):
             f = out / "data" / f"{benchmark}_{subj.name}.{sp}.jsonl"  # benchmarks share subject names
-            tmp = f.with_name(f".{f.name}.tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for it in items:
-                    row = {"id": it.id, "question": it.question, "A": it.choices[0], "B": it.choices[1],
-                           "C": it.choices[2], "D": it.choices[3], "answer": it.answer}
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            tmp.replace(f)
+            rows = ({"id": it.id, "question": it.question, "A": it.choices[0], "B": it.choices[1],
+                     "C": it.choices[2], "D": it.choices[3], "answer": it.answer} for it in items)
+            atomic_write_text(f, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
             files[sp] = str(f)
         task = f"geb_{benchmark}_{subj.name}"
         names.append(task)
@@ -209,11 +207,11 @@ def write_task_configs(benchmark: str, data_dir, out_dir, split: str | None = No
             "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true",
             "metadata:\n  version: 1.0",
         ]
-        (out / f"{task}.yaml").write_text("\n".join(x for x in lines if x) + "\n", encoding="utf-8")
+        atomic_write_text(out / f"{task}.yaml", "\n".join(x for x in lines if x) + "\n")
     group = [f"group: geb_{benchmark}", "task:", *(f"  - {t}" for t in names),
              "aggregate_metric_list:\n  - metric: acc\n    aggregation: mean\n    weight_by_size: true",
              "metadata:\n  version: 1.0"]
-    (out / f"_geb_{benchmark}.yaml").write_text("\n".join(group) + "\n", encoding="utf-8")
+    atomic_write_text(out / f"_geb_{benchmark}.yaml", "\n".join(group) + "\n")
     return names
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from geb.errors import GebError
 from geb.eval import prompts
 from geb.eval.benchmarks import LETTERS, Benchmark, Subject, load_benchmark
-from geb.eval.scoring import Row, Scorer, load_scorer
+from geb.infer.scoring import load_scorer
+from geb.scoring import Row, Scorer
 
 HEADLINE = "micro"  # accuracy over all items (lm-eval's size-weighted group score; MMLU's "average")
 
@@ -283,7 +284,7 @@ def _notes(bench: Benchmark, s: Scored, opts: EvalOptions, context: int) -> list
 def report(m: Loaded, bench: Benchmark, opts: EvalOptions, s: Scored, name: str | None = None) -> dict:
     """The results dict (what results.json holds) of a scored run."""
     from geb import __version__
-    from geb.checkpoint import now_iso
+    from geb.common import now_iso
 
     scorer, stats = m.scorer, s.stats
     cats, overall = _summary(bench, s.per_subject)
@@ -346,7 +347,7 @@ def evaluate(model_dir=None, benchmark: str = "ceval", data_dir=None, options: E
 
 def write_run(results: dict, predictions: list[dict], out_dir) -> Path:
     """results.json, results.md, categories.png and predictions.jsonl, written as one atomic folder."""
-    from geb.checkpoint import AtomicFolder
+    from geb.common import AtomicFolder
     from geb.eval import report
 
     out = Path(out_dir)

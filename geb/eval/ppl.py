@@ -10,13 +10,13 @@ tokenizers can be compared; token perplexity cannot.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 
+from geb.common import atomic_write_json, now_iso
 from geb.errors import GebError
-from geb.eval.scoring import Scorer, bits_per_byte, load_scorer
+from geb.infer.scoring import load_scorer
+from geb.scoring import Scorer, bits_per_byte, perplexity_from
 
 
 def _check_tokens(data, tok, model_vocab: int, folder: Path) -> None:
@@ -33,7 +33,6 @@ def perplexity(model_dir=None, data=None, split: str = "val", max_tokens: int | 
                stride: int | None = None, model=None, tokenizer=None, out=None) -> dict:
     """Score `data` (a UTF-8 text file or a token folder) and return the figures as a dict."""
     from geb import __version__
-    from geb.checkpoint import now_iso
 
     if data is None:
         raise GebError("no data given (--data FILE or token folder)")
@@ -84,15 +83,11 @@ def perplexity(model_dir=None, data=None, split: str = "val", max_tokens: int | 
     res = {
         "model": str(model_dir) if model_dir else None, "tokenizer_hash": tokenizer.hash(), "data": source,
         "tokens": n, "bytes": n_bytes, "nll_sum": -logprob, "nll_per_token": -logprob / n,
-        "perplexity": math.exp(-logprob / n), "bits_per_byte": bits_per_byte(logprob, n_bytes),
+        "perplexity": perplexity_from(logprob, n), "bits_per_byte": bits_per_byte(logprob, n_bytes),
         "bytes_per_token": n_bytes / n, "context": scorer.max_len, "stride": stride or scorer.max_len,
         "seconds": round(seconds, 3), "tokens_per_s": round(n / max(seconds, 1e-9), 1),
         "date": now_iso(), "geb_version": __version__,
     }
     if out is not None:
-        o = Path(out)
-        o.parent.mkdir(parents=True, exist_ok=True)
-        tmp = o.with_name(f".{o.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(o)
+        atomic_write_json(out, res, indent=2)
     return res

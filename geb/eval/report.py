@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from geb.common import atomic_write, atomic_write_text
 from geb.errors import GebError
 
 
@@ -153,9 +154,7 @@ def plot_categories(runs: list[dict], path) -> Path:
         ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     return path
 
 
@@ -168,8 +167,6 @@ def compare(paths: list, out_dir=None) -> tuple[str, list[dict]]:
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".compare.md.tmp"
-        tmp.write_text(md, encoding="utf-8")
-        tmp.replace(out / "compare.md")
+        atomic_write_text(out / "compare.md", md)
         plot_categories(runs, out / "compare.png")
     return md, runs

@@ -171,7 +171,7 @@ def toxicity(model_dir=None, prompts_dir=None, kind: str = "hate", groups: list[
              seed: int = 0, out_dir=None, engine=None, progress=None) -> dict:
     """Generate and score continuations; returns the results dict (and writes out_dir if given)."""
     from geb import __version__
-    from geb.checkpoint import now_iso
+    from geb.common import now_iso
     from geb.infer.sampling import SamplingParams
 
     if prompts_dir is None:
@@ -241,7 +241,7 @@ def toxicity_markdown(runs: list[dict]) -> str:
 
 
 def write_toxicity(res: dict, samples: list[dict], out_dir) -> Path:
-    from geb.checkpoint import AtomicFolder
+    from geb.common import AtomicFolder
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ import hashlib
 import math
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -331,8 +330,9 @@ def machine_info() -> dict:
 # -- quality and the quickstart's report ----------------------------------------------------------
 def perplexity(rt: Runtime, ids: list[int], tok, window: int | None = None) -> float:
     """Perplexity of `ids` under the runtime (the first token predicted from the tokenizer's
-    end-of-document id), in windows of at most `window` tokens: geb.eval.scoring's one scorer."""
-    from geb.eval.scoring import RuntimeScorer, perplexity_of
+    end-of-document id), in windows of at most `window` tokens: geb.scoring's one scorer."""
+    from geb.infer.scoring import RuntimeScorer
+    from geb.scoring import perplexity_of
 
     return perplexity_of(RuntimeScorer(rt, max_len=window, tok=tok), ids)
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from geb.checkpoint import CONFIG, META, WEIGHTS, AtomicFolder, check_folder, now_iso, read_meta
-from geb.config import ModelConfig
+from geb.checkpoint import CONFIG, META, WEIGHTS, check_folder, read_meta
+from geb.common import AtomicFolder, now_iso
+from geb.config import QUANTIZATION, ModelConfig
 from geb.errors import GebError
 from geb.infer.quant import FORMATS, INT4_GROUP_SIZE, INT4_GROUPS, Embedding, check_format, linear_from_state, native_backend
 from geb.infer.runtime import Layer, Runtime, build_runtime, default_side_formats
@@ -140,18 +141,13 @@ def _nbytes(t) -> int:
 
 
 def read_config(folder: Path) -> tuple[ModelConfig, dict | None]:
-    raw_path = folder / CONFIG
-    try:
-        raw = json.loads(raw_path.read_text())
-    except json.JSONDecodeError as e:
-        raise GebError(f"{raw_path}: not valid JSON ({e})") from None
-    q = raw.get("quantization") if isinstance(raw, dict) else None
-    return ModelConfig.load(raw_path), q
+    """(config, its `quantization` field or None): checked by _check_quantization when the folder loads."""
+    return ModelConfig.load_with_quantization(folder / CONFIG)
 
 
 def _check_quantization(q, path: Path) -> dict:
     if not isinstance(q, dict):
-        raise GebError(f"{path}: field 'quantization' must be an object")
+        raise GebError(f"{path}: field '{QUANTIZATION}' must be an object")
     if q.get("layout") != LAYOUT:
         raise GebError(f"{path}: quantization layout {q.get('layout')!r} is not {LAYOUT!r} (written by another geb?)")
     fmt = q.get("format")
@@ -278,7 +274,7 @@ def save_quantized(out: str | Path, rt: Runtime, tokenizer, meta: dict) -> Path:
     sd = {k: v.contiguous() for k, v in rt.state().items()}
     with AtomicFolder(out, kind="model") as tmp:
         write_aligned_safetensors(tmp / WEIGHTS, sd, {"format": "pt", "geb_quantization": rt.fmt})
-        (tmp / CONFIG).write_text(json.dumps({**rt.cfg.to_dict(), "quantization": q}, indent=2) + "\n")
+        rt.cfg.save(tmp / CONFIG, quantization=q)
         tokenizer.save(tmp)
         meta = {"geb_version": __version__, "created": now_iso(), "stage": "quantize", **meta,
                 "quantization": q, "weight_bytes": rt.weight_bytes}

@@ -4,11 +4,11 @@ tokenizer files, and writing an imported model as a validated geb folder (atomic
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from geb.common import read_json_object
 from geb.config import ModelConfig
 from geb.errors import GebError
 
@@ -27,11 +27,10 @@ class GebFolder:
         from geb.checkpoint import CONFIG, WEIGHTS, check_folder, read_meta
 
         self.folder = check_folder(folder)
-        raw = read_json(self.folder / CONFIG, "model config")
-        if raw.get("quantization"):
-            raise GebError(f"{self.folder}: a quantized geb checkpoint ({raw['quantization'].get('format')}); "
+        self.cfg, q = ModelConfig.load_with_quantization(self.folder / CONFIG)
+        if q:
+            raise GebError(f"{self.folder}: a quantized geb checkpoint ({q.get('format')}); "
                            "export the full-precision folder it was made from")
-        self.cfg = ModelConfig.load(self.folder / CONFIG)
         self.meta = read_meta(self.folder)
         self.weights = self.folder / WEIGHTS
         try:
@@ -70,23 +69,11 @@ class GebFolder:
             raise GebError(f"{self.weights}: cannot read tensor '{name}' ({e}); the file may be truncated") from None
 
     def tokenizer_json(self) -> dict:
-        return read_json(self.folder / "tokenizer.json", "tokenizer")
+        return read_json_object(self.folder / "tokenizer.json", "tokenizer file")
 
     def tokenizer_config(self) -> dict:
         f = self.folder / "tokenizer_config.json"
-        return read_json(f, "tokenizer config") if f.is_file() else {}
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise GebError(f"{path}: {what} file not found")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GebError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise GebError(f"{path}: expected a JSON object")
-    return d
+        return read_json_object(f, "tokenizer config file") if f.is_file() else {}
 
 
 # -- RoPE layouts ------------------------------------------------------------------------------------
@@ -97,7 +84,7 @@ def read_json(path: Path, what: str) -> dict:
 def read_sharded(index: Path, load) -> dict:
     """Every tensor of a sharded checkpoint: `index` names its shards in 'weight_map' (the Hugging Face
     layout for safetensors and PyTorch files alike); `load(path)` reads one shard into a dict."""
-    wm = read_json(index, "weights index").get("weight_map")
+    wm = read_json_object(index, "weights index file").get("weight_map")
     if not isinstance(wm, dict):
         raise GebError(f"{index}: missing field 'weight_map'")
     sd: dict = {}

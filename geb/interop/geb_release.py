@@ -23,15 +23,15 @@ at least MIN_MARGIN times lower than the runner-up's.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from geb.common import read_json_object
 from geb.config import ModelConfig
 from geb.errors import GebError
-from geb.interop.common import interleaved_to_half, read_json, read_sharded
+from geb.interop.common import interleaved_to_half, read_sharded
 
 KV_ORDERS = ("interleaved", "split")
 MLP_ORDERS = ("gate-up", "up-gate")
@@ -235,7 +235,7 @@ def _open(path: str | Path):
     folder = Path(path)
     if not folder.is_dir():
         raise GebError(f"{folder}: release folder not found")
-    cfg_raw = read_json(folder / "config.json", "model config")
+    cfg_raw = read_json_object(folder / "config.json", "model config file")
     base = release_config(cfg_raw, str(folder / "config.json"))
     return folder, cfg_raw, base
 
@@ -261,13 +261,6 @@ def import_geb_release(path: str | Path, out: str | Path, conv: Conventions = Co
                             extra_files={"tokenizer.model": (folder / "tokenizer.model").read_bytes()})
 
 
-def perplexity(model, ids: list[int]) -> float:
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        loss = model(x[:, :-1], x[:, 1:])
-    return math.exp(loss.item())
-
-
 def verify_conventions(path: str | Path, *, given: dict[str, str] | None = None,
                        special_tokens: list[str] | None = None, text: str | None = None,
                        max_tokens: int = 256, log=None) -> dict:
@@ -276,6 +269,7 @@ def verify_conventions(path: str | Path, *, given: dict[str, str] | None = None,
     Fields in `given` are not searched: they restrict the candidates instead of being overridden.
     """
     from geb.model import GEB
+    from geb.scoring import Scorer, perplexity_of
 
     given = {k: v for k, v in (given or {}).items() if v is not None}
     unknown = sorted(set(given) - set(CONVENTION_FIELDS))
@@ -303,7 +297,8 @@ def verify_conventions(path: str | Path, *, given: dict[str, str] | None = None,
         if cfg.tie_embeddings:
             model.lm_head.weight = model.tok_emb.weight
         model.reset_rope()
-        ppl = perplexity(model.eval(), ids)
+        # tokens 2..n given the first (the released model's document start is its own, not geb's)
+        ppl = perplexity_of(Scorer(model, tok), ids[1:], start=ids[0])
         results.append({**asdict(conv), "perplexity": round(ppl, 3)})
         if log:
             log(f"  kv={kv:<11} mlp={mlp:<7} rope={rope:<11} perplexity {ppl:12.3f}")

@@ -18,14 +18,13 @@ Choices (see docs/interop.md):
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from geb.checkpoint import check_destination, with_path
+from geb.common import check_destination, temp_path, with_path
 from geb.errors import GebError
 from geb.interop.common import GebFolder, half_to_interleaved
 
@@ -270,14 +269,8 @@ def _fits(kind: str, shape: tuple[int, ...]) -> str:
     return kind
 
 
-def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f32", *, output_type: str | None = None,
-                embedding_type: str | None = None, name: str | None = None, log=None) -> dict:
-    """Write a geb folder as a llama-architecture GGUF file; returns a summary (types used, bytes).
-
-    type: f32|f16|bf16|q8_0|q4_0 for the matrices; output_type for output.weight (default: type, but
-    q8_0 when type is q4_0); embedding_type for token_embd.weight (default: type).
-    """
-    gguf = _gguf()
+def _export_kinds(type: str, output_type: str | None, embedding_type: str | None) -> tuple[str, str, str]:
+    """(matrices, output.weight, token_embd.weight) GGUF types, checked against TYPES."""
     kind = type.lower()
     if kind not in TYPES:
         raise GebError(f"unknown GGUF type {type!r} (choose from: {', '.join(TYPES)})")
@@ -286,6 +279,65 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f32", 
     for what, k in (("output", output_kind), ("embedding", embedding_kind)):
         if k not in TYPES:
             raise GebError(f"unknown GGUF {what} type {k!r} (choose from: {', '.join(TYPES)})")
+    return kind, output_kind, embedding_kind
+
+
+def _write_metadata(writer, src: GebFolder, kind: str, name: str | None, gguf) -> dict:
+    """The llama-architecture hyperparameters and the tokenizer; returns what add_tokenizer reports."""
+    c = src.cfg
+    writer.add_name(name or src.meta.get("name") or src.folder.name)
+    writer.add_context_length(c.max_seq_len)
+    writer.add_embedding_length(c.d_model)
+    writer.add_block_count(c.n_layer)
+    writer.add_feed_forward_length(c.ffn_hidden)
+    writer.add_head_count(c.n_head)
+    writer.add_head_count_kv(c.n_kv_head)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_rope_dimension_count(c.rotary_dims)
+    writer.add_rope_freq_base(float(c.rope_base))
+    writer.add_layer_norm_rms_eps(float(c.norm_eps))
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}[kind])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return add_tokenizer(writer, src, c.vocab_size, gguf)
+
+
+def _write_tensor_infos(writer, src: GebFolder, plan: list, gguf) -> None:
+    """Every tensor's name, shape, type and byte size, written ahead of the data as GGUF requires."""
+    Q = gguf.GGMLQuantizationType
+    qt = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
+    for gname, gebname, k, _ in plan:
+        shape = src.shapes[gebname]
+        block, size = gguf.GGML_QUANT_SIZES[qt[k]]
+        nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * shape[-1] // block * size
+        writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qt[k])
+
+
+def _write_tensors(writer, src: GebFolder, plan: list, gguf, log=None) -> dict[str, int]:
+    """Convert and write each tensor in plan order, one in memory at a time; returns {type: count}."""
+    counts: dict[str, int] = {}
+    for gname, gebname, k, transform in plan:
+        w = src.tensor(gebname)
+        if transform is not None:
+            w = transform(w)
+        arr, _ = _encode(w, k, gguf)
+        writer.write_tensor_data(arr)
+        counts[k] = counts.get(k, 0) + 1
+        if log:
+            log(f"{gname}: {k}")
+    return counts
+
+
+def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f32", *, output_type: str | None = None,
+                embedding_type: str | None = None, name: str | None = None, log=None) -> dict:
+    """Write a geb folder as a llama-architecture GGUF file; returns a summary (types used, bytes).
+
+    type: f32|f16|bf16|q8_0|q4_0 for the matrices; output_type for output.weight (default: type, but
+    q8_0 when type is q4_0); embedding_type for token_embd.weight (default: type).
+    """
+    gguf = _gguf()
+    kind, output_kind, embedding_kind = _export_kinds(type, output_type, embedding_type)
     src = GebFolder(model_dir)
     c = src.cfg
     if c.rotary_dims != c.head_dim:
@@ -297,54 +349,22 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f32", 
         raise GebError(f"{out_path}: is a folder; give the .gguf file to write")
     check_destination(out_path, "gguf")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(out_path)
 
     plan = [(g, n, _fits(k, src.shapes[n]), f) for g, n, k, f in _tensor_plan(src, kind, output_kind, embedding_kind)]
-    ftype = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}[kind]
     writer = gguf.GGUFWriter(str(tmp), "llama")
     threads = torch.get_num_threads()
     try:
-        writer.add_name(name or src.meta.get("name") or src.folder.name)
-        writer.add_context_length(c.max_seq_len)
-        writer.add_embedding_length(c.d_model)
-        writer.add_block_count(c.n_layer)
-        writer.add_feed_forward_length(c.ffn_hidden)
-        writer.add_head_count(c.n_head)
-        writer.add_head_count_kv(c.n_kv_head)
-        writer.add_key_length(c.head_dim)
-        writer.add_value_length(c.head_dim)
-        writer.add_rope_dimension_count(c.rotary_dims)
-        writer.add_rope_freq_base(float(c.rope_base))
-        writer.add_layer_norm_rms_eps(float(c.norm_eps))
-        writer.add_vocab_size(c.vocab_size)
-        writer.add_file_type(ftype)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        tok_info = add_tokenizer(writer, src, c.vocab_size, gguf)
-
-        Q = gguf.GGMLQuantizationType
-        qt = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
-        for gname, gebname, k, _ in plan:
-            shape = src.shapes[gebname]
-            block, size = gguf.GGML_QUANT_SIZES[qt[k]]
-            nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * shape[-1] // block * size
-            writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qt[k])
+        tok_info = _write_metadata(writer, src, kind, name, gguf)
+        _write_tensor_infos(writer, src, plan, gguf)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        counts: dict[str, int] = {}
         # One torch thread: the quantizers are chains of small elementwise ops on cache-sized chunks,
         # where OpenMP workers spin at every op boundary and several threads run slower than one on a
         # shared machine (`python bench/gguf_export.py` reports wall and CPU seconds).
         torch.set_num_threads(1)
-        for gname, gebname, k, transform in plan:
-            w = src.tensor(gebname)
-            if transform is not None:
-                w = transform(w)
-            arr, _ = _encode(w, k, gguf)
-            writer.write_tensor_data(arr)
-            counts[k] = counts.get(k, 0) + 1
-            if log:
-                log(f"{gname}: {k}")
+        counts = _write_tensors(writer, src, plan, gguf, log)
         writer.close()
         os.replace(tmp, out_path)
     except BaseException as e:

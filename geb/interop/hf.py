@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from geb.common import read_json_object
 from geb.config import ModelConfig
 from geb.errors import GebError
-from geb.interop.common import GebFolder, interleaved_to_half, read_json, read_sharded
+from geb.interop.common import GebFolder, interleaved_to_half, read_sharded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,7 +84,7 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "float32") ->
     """Write a geb folder as a Hugging Face Llama folder (config, safetensors, tokenizer, generation config)."""
     from safetensors.torch import save_file
 
-    from geb.checkpoint import AtomicFolder
+    from geb.common import AtomicFolder
 
     if dtype not in DTYPES:
         raise GebError(f"unknown dtype {dtype!r} (choose from: {', '.join(DTYPES)})")
@@ -213,7 +214,7 @@ def import_hf(path: str | Path, out: str | Path, chat_format=None) -> Path:
     folder = Path(path)
     if not folder.is_dir():
         raise GebError(f"{folder}: Hugging Face model folder not found")
-    cfg_json = read_json(folder / "config.json", "model config")
+    cfg_json = read_json_object(folder / "config.json", "model config file")
     cfg = hf_to_geb_config(cfg_json, str(folder / "config.json"))
     raw = _read_hf_weights(folder)
     if cfg.tie_embeddings:

@@ -199,9 +199,9 @@ def render_trained(tokenizer, messages: list[dict], train_from: int = 0) -> tupl
     return ids, mask
 
 
-def load_conversations(data: Data, tokenizer, max_tokens: int, on_bad: str = "error",
-                       name: str = "data") -> tuple[list[tuple[list[int], list[int]]], DataReport, str]:
-    """SFT data → ([(ids, loss_mask)], report, data hash). Conversations over max_tokens are bad."""
+def _load(data: Data, name: str, on_bad: str, convert, what: str) -> tuple[list, DataReport, str]:
+    """(items, report, data hash): every record through `convert`, which raises BadRecord for a bad one
+    (handled as `on_bad` says); `what` names the items when none is left."""
     check_on_bad(on_bad)
     recs, source, h = read_records(data, name)
     report = DataReport(source, records=len(recs))
@@ -210,18 +210,29 @@ def load_conversations(data: Data, tokenizer, max_tokens: int, on_bad: str = "er
         try:
             if isinstance(obj, BadRecord):
                 raise obj
-            ids, mask = render_trained(tokenizer, conversation(obj))
-            if len(ids) > max_tokens:
-                raise BadRecord("too_long", f"the conversation is {len(ids)} tokens, longer than the "
-                                            f"{max_tokens}-token sequence length (it is not truncated)")
+            item = convert(obj)
         except BadRecord as e:
             _handle(e, source, line, on_bad, report)
             continue
-        out.append((ids, mask))
+        out.append(item)
     report.used = len(out)
     if not out:
-        raise GebError(f"{source}: no usable conversations ({report.summary()})")
+        raise GebError(f"{source}: no usable {what} ({report.summary()})")
     return out, report, h
+
+
+def load_conversations(data: Data, tokenizer, max_tokens: int, on_bad: str = "error",
+                       name: str = "data") -> tuple[list[tuple[list[int], list[int]]], DataReport, str]:
+    """SFT data → ([(ids, loss_mask)], report, data hash). Conversations over max_tokens are bad."""
+
+    def convert(obj) -> tuple[list[int], list[int]]:
+        ids, mask = render_trained(tokenizer, conversation(obj))
+        if len(ids) > max_tokens:
+            raise BadRecord("too_long", f"the conversation is {len(ids)} tokens, longer than the "
+                                        f"{max_tokens}-token sequence length (it is not truncated)")
+        return ids, mask
+
+    return _load(data, name, on_bad, convert, "conversations")
 
 
 @dataclass
@@ -247,28 +258,17 @@ def render_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str) -> Pa
 def load_pairs(data: Data, tokenizer, max_tokens: int, on_bad: str = "error",
                name: str = "data") -> tuple[list[Pair], DataReport, str]:
     """DPO data → ([Pair], report, data hash). A pair whose longer side exceeds max_tokens is bad."""
-    check_on_bad(on_bad)
-    recs, source, h = read_records(data, name)
-    report = DataReport(source, records=len(recs))
-    out = []
-    for line, obj in recs:
-        try:
-            if isinstance(obj, BadRecord):
-                raise obj
-            pair = render_pair(tokenizer, *preference(obj))
-            pair.labels = {k: obj[k] for k in LABELS if isinstance(obj.get(k), str)}
-            n = max(len(pair.chosen), len(pair.rejected))
-            if n > max_tokens:
-                raise BadRecord("too_long", f"prompt + answer is {n} tokens, longer than the {max_tokens}-token "
-                                            "limit (it is not truncated)")
-        except BadRecord as e:
-            _handle(e, source, line, on_bad, report)
-            continue
-        out.append(pair)
-    report.used = len(out)
-    if not out:
-        raise GebError(f"{source}: no usable preference pairs ({report.summary()})")
-    return out, report, h
+
+    def convert(obj) -> Pair:
+        pair = render_pair(tokenizer, *preference(obj))
+        pair.labels = {k: obj[k] for k in LABELS if isinstance(obj.get(k), str)}
+        n = max(len(pair.chosen), len(pair.rejected))
+        if n > max_tokens:
+            raise BadRecord("too_long", f"prompt + answer is {n} tokens, longer than the {max_tokens}-token "
+                                        "limit (it is not truncated)")
+        return pair
+
+    return _load(data, name, on_bad, convert, "preference pairs")
 
 
 def load_train_val(loader, data: Data, val_data: Data | None, val_fraction: float, seed: int, log, *args):
@@ -287,6 +287,20 @@ def load_train_val(loader, data: Data, val_data: Data | None, val_fraction: floa
         tr, va = split_holdout(len(train), val_fraction, seed)
         val, train = [train[i] for i in va], [train[i] for i in tr]
     return train, val, reports, data_hash, val_hash
+
+
+def check_resumed_data(out_dir, old_meta: dict, data_hash: str, val_hash: str | None) -> None:
+    """A resumed SFT/DPO run must read the data it started on (the hashes in its meta.json)."""
+    if data_hash != old_meta.get("data_hash") or val_hash != old_meta.get("val_data_hash"):
+        raise GebError(f"{out_dir}: the data differ from the run being resumed (hash {data_hash} vs "
+                       f"{old_meta.get('data_hash')}); resume with the same files")
+
+
+def data_label(data: Data | None) -> str | None:
+    """How meta.json names the data a stage read: the path, or "<records>" for records given in memory."""
+    if data is None:
+        return None
+    return str(data) if isinstance(data, (str, Path)) else "<records>"
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from geb.checkpoint import CONFIG, META, WEIGHTS, check_destination, save_checkpoint, with_path
-from geb.common import atomic_write
+from geb.checkpoint import CONFIG, META, WEIGHTS, save_checkpoint
+from geb.common import atomic_write, check_destination, with_path
 from geb.errors import GebError
 
 DCP_DIR = "dcp"
@@ -341,7 +341,7 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
     from safetensors.torch import save_file
     from torch.distributed.checkpoint import load as dcp_load
 
-    from geb.checkpoint import AtomicFolder
+    from geb.common import AtomicFolder
     from geb.config import ModelConfig
     from geb.model import GEB
 

@@ -17,7 +17,6 @@ Logged per step: loss, reward_chosen/rejected (β·(log π − log π_ref)), rew
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -34,9 +33,9 @@ from geb.common import atomic_write, atomic_write_json
 from geb.config import ModelConfig
 from geb.errors import GebError
 from geb.tokenizer import Tokenizer
-from geb.train.chatdata import LABELS, Data, Pair, load_pairs, load_train_val
+from geb.train.chatdata import LABELS, Data, Pair, check_resumed_data, data_label, load_pairs, load_train_val
 from geb.train.loop import TrainConfig, resolve_device, resolve_dtype, resume_config, train
-from geb.train.sft import IGNORE
+from geb.train.sft import IGNORE, fit_schedule
 
 REF_FILE = "reference_logps.pt"
 
@@ -242,9 +241,8 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
         raise GebError(f"max length {max_len} exceeds the model's context {cfg.max_seq_len}")
     pairs, val, reports, data_hash, val_hash = load_train_val(
         load_pairs, data, val_data, val_fraction, c.seed, log, tok, max_len, on_bad)
-    if resume and (data_hash != old.get("data_hash") or val_hash != old.get("val_data_hash")):
-        raise GebError(f"{out_dir}: the data differ from the run being resumed (hash {data_hash} vs "
-                       f"{old.get('data_hash')}); resume with the same files")
+    if resume:
+        check_resumed_data(out_dir, old, data_hash, val_hash)
 
     device = resolve_device(c.device)
     amp_dtype = resolve_dtype(c.dtype, device)
@@ -260,18 +258,13 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
     if resume or model is None:
         model, _, _ = load_model(out_dir if resume else ref_dir, device=device)
 
-    info = {"max_len": max_len, "on_bad": on_bad, "val_fraction": val_fraction,
-            "data": str(data) if isinstance(data, (str, Path)) else "<records>",
-            "val_data": str(val_data) if isinstance(val_data, (str, Path)) else (None if val_data is None else "<records>")}
+    info = {"max_len": max_len, "on_bad": on_bad, "val_fraction": val_fraction, "data": data_label(data),
+            "val_data": data_label(val_data)}
     task = DPOTask(pairs, cache["train"], val, cache["val"], c.batch_size, c.grad_accum, c.seed, tok.eos_id,
                    beta, label_smoothing, c.eval_batches, info)
     if not resume:
-        if epochs is not None:
-            c = dataclasses.replace(c, steps=max(1, math.ceil(epochs * task.steps_per_epoch())))
-        if warmup_ratio is not None:
-            c = dataclasses.replace(c, warmup_steps=max(1, round(warmup_ratio * c.steps)))
-        if not val:
-            c = dataclasses.replace(c, eval_every=0)
+        steps = None if epochs is None else max(1, math.ceil(epochs * task.steps_per_epoch()))
+        c = fit_schedule(c, steps, warmup_ratio, bool(val))
     log(f"{len(pairs)} pairs ({len(val)} for validation), beta {beta}, label smoothing {label_smoothing}; "
         f"{c.steps} steps of {c.batch_size * c.grad_accum} pairs (~{c.steps / task.steps_per_epoch():.2f} epochs)")
     meta = {"stage": "dpo", "parent": str(ref_dir), "parent_stage": read_meta(ref_dir).get("stage"),
@@ -282,6 +275,11 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
         return res
     _park_cache(out_dir, inside=True)
     final = {"val": preference_eval(model, val, cache["val"], beta, tok.eos_id, c.batch_size, device, amp_dtype)} if val else {}
+    return _finish(out_dir, res, final, log)
+
+
+def _finish(out_dir: Path, res: dict, final: dict, log) -> dict:
+    """Add the final validation figures and the last training metrics to meta.json; plot the rewards."""
     res["final_eval"] = final
     recs = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     res["last_train_metrics"] = next((r for r in reversed(recs) if r.get("kind") == "train"), {})

@@ -27,8 +27,8 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
-from geb.common import atomic_write
-from geb.checkpoint import META, TRAIN_STATE, check_destination, load_train_state
+from geb.checkpoint import META, TRAIN_STATE, load_train_state
+from geb.common import atomic_write, check_destination
 from geb.errors import GebError
 from geb.train import dist, perf
 from geb.train.stability import Stability, resolve

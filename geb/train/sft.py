@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geb.checkpoint import check_folder, load_model, read_meta
+from geb.checkpoint import check_folder, load_model
 from geb.errors import GebError
-from geb.train.chatdata import Data, load_conversations, load_train_val
+from geb.train.chatdata import Data, check_resumed_data, data_label, load_conversations, load_train_val
 from geb.train.loop import TrainConfig, resume_config, train
 
 IGNORE = -100
@@ -137,6 +137,18 @@ def steps_for(epochs: float, rows: int, batch_size: int, grad_accum: int) -> int
     return max(1, math.ceil(epochs * rows / (batch_size * grad_accum)))
 
 
+def fit_schedule(c: TrainConfig, steps: int | None, warmup_ratio: float | None, has_val: bool) -> TrainConfig:
+    """A new SFT/DPO run's config: `steps` (from --epochs) and warmup from `warmup_ratio` when given, and no
+    validation points without validation data (they would be NaN)."""
+    if steps is not None:
+        c = dataclasses.replace(c, steps=steps)
+    if warmup_ratio is not None:
+        c = dataclasses.replace(c, warmup_steps=max(1, round(warmup_ratio * c.steps)))
+    if not has_val:
+        c = dataclasses.replace(c, eval_every=0)
+    return c
+
+
 def run_sft(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, val_data: Data | None = None,
             val_fraction: float = 0.0, train_config: TrainConfig | None = None, epochs: float | None = None,
             warmup_ratio: float | None = None, seq_len: int | None = None, pack: bool = True,
@@ -168,21 +180,12 @@ def run_sft(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
     examples, val, reports, data_hash, val_hash = load_train_val(
         load_conversations, data, val_data, val_fraction, c.seed, log, tok, seq_len, on_bad)
     if resume:
-        if data_hash != old.get("data_hash") or val_hash != old.get("val_data_hash"):
-            raise GebError(f"{out_dir}: the data differ from the run being resumed (hash {data_hash} vs "
-                           f"{old.get('data_hash')}); resume with the same files")
-    info = {"on_bad": on_bad, "val_fraction": val_fraction,
-            "data": data if isinstance(data, (str, Path)) else "<records>",
-            "val_data": val_data if isinstance(val_data, (str, Path)) or val_data is None else "<records>"}
-    info = {k: str(v) if isinstance(v, Path) else v for k, v in info.items()}
+        check_resumed_data(out_dir, old, data_hash, val_hash)
+    info = {"on_bad": on_bad, "val_fraction": val_fraction, "data": data_label(data), "val_data": data_label(val_data)}
     task = SFTTask(examples, val, seq_len, c.batch_size, c.grad_accum, c.seed, tok.eos_id, pack, c.eval_batches, info)
     if not resume:
-        if epochs is not None:
-            c = dataclasses.replace(c, steps=steps_for(epochs, len(task.rows), c.batch_size, c.grad_accum))
-        if warmup_ratio is not None:
-            c = dataclasses.replace(c, warmup_steps=max(1, round(warmup_ratio * c.steps)))
-        if not val:
-            c = dataclasses.replace(c, eval_every=0)  # nothing to validate on: no NaN validation points
+        steps = None if epochs is None else steps_for(epochs, len(task.rows), c.batch_size, c.grad_accum)
+        c = fit_schedule(c, steps, warmup_ratio, bool(val))
     log(f"{len(examples)} conversations in {len(task.rows)} rows of {seq_len} ({task.describe()['fill']:.0%} full), "
         f"{len(val)} for validation; {c.steps} steps of {c.batch_size * c.grad_accum} rows "
         f"(~{c.steps * c.batch_size * c.grad_accum / len(task.rows):.2f} epochs)")

@@ -1,10 +1,15 @@
-"""Log-likelihood scoring on a geb model: the one place evaluation turns token ids into log-probs.
+"""Log-likelihood scoring: the one place geb turns token ids into log-probs and perplexity.
 
-Used by multiple-choice evaluation (with a shared k-shot prefix computed once into a KV cache and
-reused by every question of a subject), by perplexity (rolling windows) and by the lm-eval bridge.
-Pairs are tokenized the lm-eval way (`encode_pair`) so geb and the harness see identical tokens.
-Only the positions that are scored go through the output layer, so memory stays small for large
-vocabularies, and logits of padded vocabulary rows (vocab rounded up) are masked out.
+`Scorer` scores on a PyTorch geb model; geb.infer.scoring.RuntimeScorer (the CPU runtime, quantized
+folders) has the same interface. Every perplexity in geb goes through `perplexity_of` with one of them:
+evaluation (geb.eval), the quantization report (geb.infer.bench), the data pipeline's perplexity filter
+(geb.data.lm) and the released-checkpoint layout check (geb.interop.geb_release).
+
+Multiple-choice evaluation shares a k-shot prefix computed once into a KV cache and reused by every
+question of a subject; perplexity scores rolling windows; the lm-eval bridge uses both. Pairs are
+tokenized the lm-eval way (`encode_pair`) so geb and the harness see identical tokens. Only the
+positions that are scored go through the output layer, so memory stays small for large vocabularies,
+and logits of padded vocabulary rows (vocab rounded up) are masked out.
 """
 
 from __future__ import annotations
@@ -77,12 +82,20 @@ class Scorer:
         ctx, *wholes = self.tok.encode_batch([context] + [context + c for c in continuations])
         return ctx, [w[len(ctx):] for w in wholes]
 
+    def _start(self, start: int | None) -> int:
+        """The token a document's first token is predicted from: the end-of-document id unless given."""
+        return self.tok.eos_id if start is None else int(start)
+
     # -- core -----------------------------------------------------------------------------------
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """Normed hidden states [N, d] → log-probs [N, V] over the tokenizer's real vocabulary."""
-        logits = self.model.lm_head(hidden).float()
+        return self._masked_log_probs(self.model.lm_head(hidden))
+
+    def _masked_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-softmax in FP32 with the padded vocabulary rows (past the tokenizer's) masked out."""
+        logits = logits.float()
         if self.n_vocab < logits.shape[-1]:
-            logits[:, self.n_vocab:] = float("-inf")
+            logits[..., self.n_vocab:] = float("-inf")
         return torch.log_softmax(logits, dim=-1)
 
     def _prefix_cache(self, prefix: list[int], batch: int, extra: int) -> KVCache:
@@ -167,16 +180,17 @@ class Scorer:
         return [r[0] for r in self.score_rows(rows)]
 
     @torch.inference_mode()
-    def rolling(self, ids: list[int], stride: int | None = None, chunk: int = 512) -> tuple[float, int]:
-        """Sum of log-probs of every token of a document (the first predicted from the end-of-document
-        id) and the token count. Windows of at most max_len tokens; with stride < max_len each window
-        scores only its last `stride` tokens and sees the ones before as context. stride = max_len
-        (the default) is lm-eval's loglikelihood_rolling (disjoint windows)."""
+    def rolling(self, ids: list[int], stride: int | None = None, chunk: int = 512,
+                start: int | None = None) -> tuple[float, int]:
+        """Sum of log-probs of every token of a document (the first predicted from `start`, by default
+        the end-of-document id) and the token count. Windows of at most max_len tokens; with stride <
+        max_len each window scores only its last `stride` tokens and sees the ones before as context.
+        stride = max_len (the default) is lm-eval's loglikelihood_rolling (disjoint windows)."""
         n = len(ids)
         if n == 0:
             return 0.0, 0
         stride = min(stride or self.max_len, self.max_len)
-        seq = [self.tok.eos_id] + list(ids)
+        seq = [self._start(start)] + list(ids)
         total = 0.0
         k = 0
         while k < n:
@@ -194,130 +208,16 @@ class Scorer:
         return total, n
 
 
-class RuntimeScorer(Scorer):
-    """Scoring through the CPU runtime (quantized folders, which have no GEB module; the quantization
-    report). A shared prefix (the k-shot shots) is prefilled once into slot 0 of a runtime cache and
-    copied into the other slots; rows then go `batch_size` at a time (at most `max_batch_tokens`
-    tokens), each continuing the prefix in its own slot, through one multi-row prefill whose weight
-    products run once for the whole batch (no padding: rows keep their own lengths). A row whose targets
-    all sit on its last position (the MCQ letter case) runs the output layer on that position only."""
-
-    def __init__(self, source, max_len: int | None = None, tok=None, batch_size: int = 8):
-        self.rt = getattr(source, "rt", source)  # an Engine (its runtime) or a Runtime
-        self.model = None
-        self.tok = tok if tok is not None else source.tok
-        self.cfg = self.rt.cfg
-        self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
-        self.batch_size = max(1, int(batch_size))
-        self.max_batch_tokens = 2048
-        self.n_vocab = self.tok.vocab_size
-        self.device = torch.device("cpu")
-        self.prefix_forwards = 0
-
-    def _masked_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.n_vocab < logits.shape[-1]:
-            logits[..., self.n_vocab:] = float("-inf")
-        return torch.log_softmax(logits, dim=-1)
-
-    def _seq_log_probs(self, ids: list[int]) -> torch.Tensor:
-        with self.rt.threads_scope():
-            return self._masked_log_probs(self.rt.forward_logits(ids))
-
-    def _groups(self, rows: list[Row]) -> list[list[int]]:
-        out: list[list[int]] = []
-        for i, r in enumerate(rows):
-            if out and len(out[-1]) < self.batch_size and \
-                    sum(len(rows[j].ids) for j in out[-1]) + len(r.ids) <= self.max_batch_tokens:
-                out[-1].append(i)
-            else:
-                out.append([i])
-        return out
-
-    @torch.inference_mode()
-    def score_rows(self, rows: list[Row], prefix: list[int] | None = None) -> list[list[tuple[float, bool]]]:
-        from geb.infer.runtime import SlotCache
-
-        prefix = prefix or []
-        out: list[list[tuple[float, bool]]] = [[] for _ in rows]
-        if not rows:
-            return out
-        p = len(prefix)
-        longest = max(len(r.ids) for r in rows)
-        if p + longest > self.max_len:
-            raise GebError(f"internal: {p} + {longest} tokens exceed the context {self.max_len}")
-        groups = self._groups(rows)
-        cache = SlotCache(self.cfg, max(len(g) for g in groups), p + longest)
-        with self.rt.threads_scope():
-            if prefix:
-                self.rt.prefill(prefix, cache, 0)
-                self.prefix_forwards += 1
-                cache.k[:, 1:, :, :p] = cache.k[:, :1, :, :p]
-                cache.v[:, 1:, :, :p] = cache.v[:, :1, :, :p]
-            for g in groups:
-                slots = list(range(len(g)))
-                for s in slots:
-                    cache.lengths[s] = p  # positions past the prefix are overwritten by this row
-                last_only = [all(pos == len(rows[i].ids) - 1 and len(toks) == 1 for pos, toks in rows[i].targets)
-                             for i in g]
-                positions = [[len(rows[i].ids) - 1] if lo else list(range(len(rows[i].ids)))
-                             for i, lo in zip(g, last_only)]
-                logits = self.rt.prefill_rows([rows[i].ids for i in g], cache, slots, positions)
-                for i, lo, lg in zip(g, last_only, logits):
-                    lp = self._masked_log_probs(lg)
-                    for pos, toks in rows[i].targets:
-                        rows_lp = lp[-1:] if lo else lp[pos: pos + len(toks)]
-                        t = torch.tensor(toks)
-                        out[i].append((float(rows_lp.gather(1, t[:, None]).sum()),
-                                       bool((rows_lp.argmax(-1) == t).all())))
-        return out
-
-    @torch.inference_mode()
-    def rolling(self, ids: list[int], stride: int | None = None, chunk: int = 512) -> tuple[float, int]:
-        n = len(ids)
-        stride = min(stride or self.max_len, self.max_len)
-        seq = [self.tok.eos_id] + list(ids)
-        total, k = 0.0, 0
-        while k < n:
-            end = min(k + stride, n)
-            start = max(0, end - self.max_len)
-            lp = self._seq_log_probs(seq[start:end])[k - start:]
-            total += float(lp.gather(1, torch.tensor(ids[k:end])[:, None]).sum())
-            k = end
-        return total, n
-
-
-def perplexity_of(scorer: Scorer, ids: list[int], stride: int | None = None) -> float:
-    """exp(mean negative log-likelihood) of a document under any scorer (model or runtime): the one
-    perplexity every caller shares (evaluation, the quantization report, the data filter)."""
-    logprob, n = scorer.rolling(ids, stride=stride)
+def perplexity_from(logprob: float, n: int) -> float:
+    """exp(mean negative log-likelihood) of `n` tokens whose log-probs sum to `logprob`."""
     return math.exp(-logprob / max(n, 1))
 
 
-def is_quantized(folder) -> bool:
-    """A folder written by `geb quantize` (its config.json carries a "quantization" field)."""
-    import json
-    from pathlib import Path
-
-    f = Path(folder) / "config.json"
-    try:
-        return bool(json.loads(f.read_text()).get("quantization"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def load_scorer(folder, batch_size: int = 8, max_len: int | None = None):
-    """(scorer, tokenizer, meta, engine or None) for a full-precision or a quantized model folder."""
-    if is_quantized(folder):
-        from geb.infer.engine import Engine
-
-        engine = Engine.from_folder(folder)
-        meta = dict(getattr(engine, "meta", {}) or {})
-        return RuntimeScorer(engine, max_len, batch_size=batch_size), engine.tok, meta, engine
-    from geb.checkpoint import load_model
-
-    model, tok, meta = load_model(folder)
-    return Scorer(model, tok, batch_size=batch_size, max_len=max_len), tok, meta, None
+def perplexity_of(scorer: Scorer, ids: list[int], stride: int | None = None, start: int | None = None) -> float:
+    """Perplexity of a document under any scorer (model or runtime): the one perplexity every caller
+    shares (evaluation, the quantization report, the data filter, the release layout check). Its first
+    token is predicted from `start` (default: the end-of-document id)."""
+    return perplexity_from(*scorer.rolling(ids, stride=stride, start=start))
 
 
 def bits_per_byte(logprob: float, n_bytes: int) -> float:
