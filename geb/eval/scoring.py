@@ -61,7 +61,7 @@ class Scorer:
         if n:
             context, continuation = context[:-n], context[-n:] + continuation
         if not context:
-            return [self.tok.eos_id], self.tok.encode(continuation)
+            return [self.tok.doc_id], self.tok.encode(continuation)
         ctx = self.tok.encode(context)
         whole = self.tok.encode(context + continuation)
         return ctx, whole[len(ctx):]
@@ -73,7 +73,7 @@ class Scorer:
             ctx = self.encode_pair(context, continuations[0])[0]
             return ctx, [self.encode_pair(context, c)[1] for c in continuations]
         if not context:
-            return [self.tok.eos_id], [self.tok.encode(c) for c in continuations]
+            return [self.tok.doc_id], [self.tok.encode(c) for c in continuations]
         ctx, *wholes = self.tok.encode_batch([context] + [context + c for c in continuations])
         return ctx, [w[len(ctx):] for w in wholes]
 
@@ -126,7 +126,7 @@ class Scorer:
             raise GebError(f"internal: {len(prefix)} + {longest} tokens exceed the context {self.max_len}")
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
         cache = self._prefix_cache(prefix, min(self.batch_size, len(rows)), longest) if prefix else None
-        pad = self.tok.eos_id
+        pad = self.tok.pad_id
         for idx in self._batches(order, rows):
             t = len(rows[idx[0]].ids)
             ids = torch.full((len(idx), t), pad, dtype=torch.long)
@@ -176,7 +176,7 @@ class Scorer:
         if n == 0:
             return 0.0, 0
         stride = min(stride or self.max_len, self.max_len)
-        seq = [self.tok.eos_id] + list(ids)
+        seq = [self.tok.doc_id] + list(ids)
         total = 0.0
         k = 0
         while k < n:
@@ -257,7 +257,7 @@ class RuntimeScorer(Scorer):
     def rolling(self, ids: list[int], stride: int | None = None, chunk: int = 512) -> tuple[float, int]:
         n = len(ids)
         stride = min(stride or self.max_len, self.max_len)
-        seq = [self.tok.eos_id] + list(ids)
+        seq = [self.tok.doc_id] + list(ids)
         total, k = 0.0, 0
         while k < n:
             end = min(k + stride, n)

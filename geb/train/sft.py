@@ -175,7 +175,7 @@ def run_sft(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
             "data": data if isinstance(data, (str, Path)) else "<records>",
             "val_data": val_data if isinstance(val_data, (str, Path)) or val_data is None else "<records>"}
     info = {k: str(v) if isinstance(v, Path) else v for k, v in info.items()}
-    task = SFTTask(examples, val, seq_len, c.batch_size, c.grad_accum, c.seed, tok.eos_id, pack, c.eval_batches, info)
+    task = SFTTask(examples, val, seq_len, c.batch_size, c.grad_accum, c.seed, tok.pad_id, pack, c.eval_batches, info)
     if not resume:
         if epochs is not None:
             c = dataclasses.replace(c, steps=steps_for(epochs, len(task.rows), c.batch_size, c.grad_accum))
