@@ -94,7 +94,8 @@ class Tokenizer:
             # ChatML's tokens are needed only to render ChatML and as default bos/eos.
             if missing and (chat_template in (None, CHAT_TEMPLATE) or eos is None):
                 raise GebError(f"{self.source}: tokenizer lacks the special token(s) {', '.join(missing)}")
-            stops = [t for t in (eos or IM_END, EOS) if self._tok.token_to_id(t) is not None]
+            # ChatML's end-of-turn and end-of-text stop generation too whenever the vocabulary has them
+            stops = [t for t in dict.fromkeys((eos or IM_END, IM_END, EOS)) if self._tok.token_to_id(t) is not None]
             default_template, default_bos, default_eos = CHAT_TEMPLATE, EOS, IM_END
         self.chat_template = chat_template or default_template
         eos = eos or default_eos

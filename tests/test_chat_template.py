@@ -191,6 +191,9 @@ def test_geb_tokenizer_saves_the_eos_it_uses(tmp_path, tokenizer):
     back = Tokenizer.load(tmp_path / "a")
     assert back.eos_id == back._tok.token_to_id(cfg["eos_token"]) == tokenizer.im_end_id
     assert back.doc_id == back._tok.token_to_id(cfg["bos_token"]) == tokenizer._tok.token_to_id("<|endoftext|>")
+    # a ChatML template with eos <|endoftext|> (Qwen2 base folders): generation still stops at <|im_end|>
+    base = Tokenizer(tokenizer._tok, chat_template=SYSTEM_TEMPLATE, eos="<|endoftext|>")
+    assert base.stop_ids == [base.eos_id, tokenizer.im_end_id] and base.eos_id != tokenizer.im_end_id
     # folders saved before bos_token was written keep <|endoftext|> as their document separator
     _set_tokenizer_config(tmp_path / "a", bos_token=None)
     assert Tokenizer.load(tmp_path / "a").doc_id == tokenizer._tok.token_to_id("<|endoftext|>")
