@@ -1,9 +1,9 @@
 """Perplexity and bits per byte of a model on a text file or a packed token folder (`geb eval ppl`).
 
-A text file is one document: its tokens are scored after the end-of-document id, in windows of the
+A text file is one document: its tokens are scored after the document start (`Tokenizer.doc_id`), in windows of the
 model's context (stride = context: lm-eval's disjoint rolling windows; a smaller stride gives each
 window more context and a lower, slower estimate). A token folder's split is scored as the stream
-the trainer sees (documents joined by the end-of-document id). Bits per byte divide the total
+the trainer sees (documents joined by the document separator, the same id). Bits per byte divide the total
 negative log-likelihood (in bits) by the UTF-8 bytes of the text, so models with different
 tokenizers can be compared; token perplexity cannot.
 """

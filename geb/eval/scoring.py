@@ -56,7 +56,7 @@ class Scorer:
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-eval's pairing: trailing spaces of the context move to the continuation, the
         continuation's ids are those of the whole string past the context's length, and an empty
-        context becomes the end-of-document id."""
+        context becomes the document start (`Tokenizer.doc_id`, lm-eval's prefix token)."""
         n = len(context) - len(context.rstrip())
         if n:
             context, continuation = context[:-n], context[-n:] + continuation
@@ -168,7 +168,7 @@ class Scorer:
 
     @torch.inference_mode()
     def rolling(self, ids: list[int], stride: int | None = None, chunk: int = 512) -> tuple[float, int]:
-        """Sum of log-probs of every token of a document (the first predicted from the end-of-document
+        """Sum of log-probs of every token of a document (the first predicted from the document-start
         id) and the token count. Windows of at most max_len tokens; with stride < max_len each window
         scores only its last `stride` tokens and sees the ones before as context. stride = max_len
         (the default) is lm-eval's loglikelihood_rolling (disjoint windows)."""
