@@ -59,7 +59,8 @@ def render(template: str, text: str, bos: str = "", eos: str = "") -> str:
 
 def prepare(work: Path) -> tuple[Path, Path, str]:
     """(geb folder imported from the package's Q4_1 GGUF, its F32 GGUF re-export, the chat template)."""
-    from geb.interop.gguf import export_gguf, import_gguf, read_gguf
+    from geb.interop.gguf import export_gguf, import_gguf
+    from geb.tokenizer import Tokenizer
 
     src = packaged_gguf()
     if src is None:
@@ -69,7 +70,7 @@ def prepare(work: Path) -> tuple[Path, Path, str]:
         import_gguf(src, folder)
     if not f32.is_file():
         export_gguf(folder, f32, "f32")
-    template = read_gguf(src)[3]["chat_template"]
+    template = Tokenizer.load(folder).chat_template  # the GGUF's own, kept in tokenizer_config.json
     return folder, f32, template
 
 

@@ -8,7 +8,9 @@ cannot inject them), the loss mask covers assistant content plus the first speci
 end-of-turn marker the model must learn to emit), and `jinja()` gives the equivalent `chat_template`
 for transformers and GGUF.
 
-The format is stored as `geb_chat_format` in tokenizer_config.json.
+The format is stored as `geb_chat_format` in tokenizer_config.json. A model imported with its own Jinja
+`chat_template` (a GGUF's tokenizer.chat_template, a Hugging Face tokenizer_config.json) keeps it, and
+`render_template` renders it under the same rules.
 """
 
 from __future__ import annotations
@@ -130,7 +132,68 @@ def render(fmt: ChatFormat, hf_tok, messages: list[dict], add_generation_prompt:
                    (after.replace("{role}", role), False, False)]
     if add_generation_prompt:
         pieces.append((fmt.generation, False, False))
+    return encode_pieces(hf_tok, pieces)
 
+
+# Stand-ins for message contents while a Jinja template renders (Unicode private-use characters, which no
+# template produces): the text between them is the template's own, and only there can special tokens arise.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+def render_template(template: str, hf_tok, messages: list[dict], add_generation_prompt: bool, roles,
+                    bos_token: str = "", eos_token: str = "", source: str = "chat_template") -> tuple[list[int], list[int]]:
+    """A Hugging Face Jinja `chat_template` (the model's own, as transformers and llama.cpp render it) →
+    (ids, loss_mask) under the same rules as `render`.
+
+    The template is rendered once with each message's content replaced by a marker, which splits the text
+    into template pieces and contents; a second rendering with the real contents must give the same text,
+    so a template that alters contents (e.g. trims them) is refused rather than silently misrendered.
+    """
+    import re
+
+    for i, m in enumerate(messages):
+        message_parts(i, m, roles)
+    try:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise GebError(f"{source}: rendering this model's chat template needs jinja2 (pip install jinja2)") from None
+
+    def fail(msg):
+        raise GebError(f"{source}: chat template error: {msg}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = fail
+    try:
+        tpl = env.from_string(template)
+
+        def text(msgs):
+            return tpl.render(messages=msgs, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+                              eos_token=eos_token)
+
+        marked = text([{**m, "content": f"{_OPEN}{i}{_CLOSE}"} for i, m in enumerate(messages)])
+        real = text(messages)
+    except TemplateError as e:
+        raise GebError(f"{source}: chat template cannot be rendered ({type(e).__name__}: {e})") from None
+    parts = re.split(f"{_OPEN}(\\d+){_CLOSE}", marked)
+    order = [int(x) for x in parts[1::2]]
+    pieces: list[tuple[str, bool, bool]] = []
+    for k, part in enumerate(parts):
+        if k % 2 == 0:
+            pieces.append((part, False, False))
+        else:
+            m = messages[int(part)]
+            pieces.append((m["content"], True, m["role"] == "assistant"))
+    if order != list(range(len(messages))) or "".join(p for p, _, _ in pieces) != real:
+        raise GebError(f"{source}: the chat template does not insert each message's content once, unchanged and "
+                       "in order; geb cannot tell template text from message text with it")
+    return encode_pieces(hf_tok, pieces)
+
+
+def encode_pieces(hf_tok, pieces: list[tuple[str, bool, bool]]) -> tuple[list[int], list[int]]:
+    """(text, is_content, trains) pieces → (ids, loss_mask): special tokens only from non-content text; the
+    mask covers trained content and the first special token after it (the end-of-turn marker)."""
+    specials, ordered = _special_splitter(hf_tok)
     ids: list[int] = []
     mask: list[int] = []
     run, spans = "", []  # plain text waiting to be encoded; (start, end) of assistant content in it

@@ -479,7 +479,7 @@ def heldout_phrasing_loss(model_dir: Path, tokens_dir: Path, seed: int) -> tuple
     ids_all = []
     with torch.no_grad():
         for text in corpus.validation_texts(seed):
-            ids = tok.encode(text, allow_special=False)[: model.cfg.max_seq_len] + [tok.eos_id]
+            ids = tok.encode(text, allow_special=False)[: model.cfg.max_seq_len] + [tok.doc_id]
             ids_all.extend(ids)
             x = torch.tensor([ids])
             total += float(model(x[:, :-1], x[:, 1:])) * (len(ids) - 1)

@@ -61,12 +61,12 @@ class Scorer:
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-eval's pairing: trailing spaces of the context move to the continuation, the
         continuation's ids are those of the whole string past the context's length, and an empty
-        context becomes the end-of-document id."""
+        context becomes the document start (`Tokenizer.doc_id`, lm-eval's prefix token)."""
         n = len(context) - len(context.rstrip())
         if n:
             context, continuation = context[:-n], context[-n:] + continuation
         if not context:
-            return [self.tok.eos_id], self.tok.encode(continuation)
+            return [self.tok.doc_id], self.tok.encode(continuation)
         ctx = self.tok.encode(context)
         whole = self.tok.encode(context + continuation)
         return ctx, whole[len(ctx):]
@@ -78,13 +78,14 @@ class Scorer:
             ctx = self.encode_pair(context, continuations[0])[0]
             return ctx, [self.encode_pair(context, c)[1] for c in continuations]
         if not context:
-            return [self.tok.eos_id], [self.tok.encode(c) for c in continuations]
+            return [self.tok.doc_id], [self.tok.encode(c) for c in continuations]
         ctx, *wholes = self.tok.encode_batch([context] + [context + c for c in continuations])
         return ctx, [w[len(ctx):] for w in wholes]
 
     def _start(self, start: int | None) -> int:
-        """The token a document's first token is predicted from: the end-of-document id unless given."""
-        return self.tok.eos_id if start is None else int(start)
+        """The token a document's first token is predicted from: the document-start id
+        (`Tokenizer.doc_id`) unless given."""
+        return self.tok.doc_id if start is None else int(start)
 
     # -- core -----------------------------------------------------------------------------------
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ class Scorer:
             raise GebError(f"internal: {len(prefix)} + {longest} tokens exceed the context {self.max_len}")
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
         cache = self._prefix_cache(prefix, min(self.batch_size, len(rows)), longest) if prefix else None
-        pad = self.tok.eos_id
+        pad = self.tok.pad_id
         for idx in self._batches(order, rows):
             t = len(rows[idx[0]].ids)
             ids = torch.full((len(idx), t), pad, dtype=torch.long)

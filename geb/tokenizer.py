@@ -4,11 +4,19 @@ Pre-tokenization uses the Qwen2 split pattern (digits one by one, CJK runs kept 
 fallback), which llama.cpp implements natively as the `qwen2` pre-tokenizer, so GGUF exports tokenize
 identically. Any Unicode string round-trips exactly: there is no normaliser and every byte has a token.
 
-The chat format is ChatML (`<|im_start|>role\\n...<|im_end|>\\n`). `render_chat` is the only place
-that turns messages into ids; SFT, DPO, chat, the server and evaluation all call it, and the same
-format is stored as a Jinja `chat_template` in tokenizer_config.json for transformers and GGUF.
-Imported tokenizers without ChatML tokens carry a `geb.chat_format.ChatFormat` instead (stored as
-`geb_chat_format` in tokenizer_config.json); render_chat then follows it.
+The chat template of a model folder lives in one place, tokenizer_config.json's `chat_template`:
+`Tokenizer.load` reads it and `render_chat` is the only place that turns messages into ids (SFT, DPO,
+chat, the server and evaluation all call it; the HF and GGUF exports copy the same template). geb's own
+tokenizers use ChatML (`<|im_start|>role\\n...<|im_end|>\\n`), rendered directly; imported tokenizers
+without ChatML tokens carry a `geb.chat_format.ChatFormat` (stored as `geb_chat_format`); an imported
+model's own Jinja template (e.g. with a default system prompt) is rendered with jinja2.
+
+The special ids are defined here once (`_special_ids`):
+- `eos_id`: the end of a turn / of generation, the `eos_token` of tokenizer_config.json (and the GGUF
+  and HF exports' eos); generation stops at `stop_ids`, which start with it.
+- `bos_id`: the tokenizer's `bos_token` if it has one (geb's own: `<|endoftext|>`).
+- `doc_id`: document start and separator (what pretraining data puts between documents, what
+  perplexity and scoring condition the first token on): `bos_id` if there is one, else `eos_id`.
 """
 
 from __future__ import annotations
@@ -54,35 +62,58 @@ def _build_empty():
 
 
 class Tokenizer:
-    """A geb tokenizer: a `tokenizers.Tokenizer` plus the ids and chat format geb needs."""
+    """A geb tokenizer: a `tokenizers.Tokenizer` plus the ids and chat template geb needs.
 
-    def __init__(self, hf_tokenizer, source: str = "<memory>", chat_format=None):
+    `chat_template`, `bos` and `eos` (token strings) come from tokenizer_config.json or an imported
+    model; None means the default of the chat format (geb's ChatML: bos `<|endoftext|>`, eos `<|im_end|>`).
+    """
+
+    def __init__(self, hf_tokenizer, source: str = "<memory>", chat_format=None, chat_template: str | None = None,
+                 bos: str | None = None, eos: str | None = None):
         self._tok = hf_tokenizer
         self.source = source
-        self.chat_format = chat_format  # None: geb's ChatML below; else a geb.chat_format.ChatFormat
-        if chat_format is not None:
-            self._init_chat_format(chat_format)
-            return
-        missing = [t for t in SPECIAL_TOKENS if hf_tokenizer.token_to_id(t) is None]
-        if missing:
-            raise GebError(f"{source}: tokenizer lacks the special token(s) {', '.join(missing)}")
-        self.eos_id = hf_tokenizer.token_to_id(EOS)
-        self.im_start_id = hf_tokenizer.token_to_id(IM_START)
-        self.im_end_id = hf_tokenizer.token_to_id(IM_END)
-        self._stop_ids = [self.im_end_id, self.eos_id]
+        self.chat_format = chat_format  # None: geb's ChatML; else a geb.chat_format.ChatFormat
+        self._special_ids(chat_template, bos, eos)
 
-    def _init_chat_format(self, fmt) -> None:
-        ids = {}
-        for t in ([fmt.eos] if fmt.eos else []) + list(fmt.stop):
-            ids[t] = self._tok.token_to_id(t)
-            if ids[t] is None:
-                raise GebError(f"{self.source}: chat format '{fmt.name}' names token {t!r}, which the tokenizer lacks")
-        self._stop_ids = [ids[t] for t in fmt.stop]
-        # A format without an end-of-document token (e.g. "plain") falls back to its first stop token;
-        # training an imported model needs one of the two.
-        self.eos_id = ids[fmt.eos] if fmt.eos else (self._stop_ids[0] if self._stop_ids else None)
+    def _tid(self, token: str, what: str) -> int:
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise GebError(f"{self.source}: {what} names token {token!r}, which the tokenizer lacks")
+        return i
+
+    def _special_ids(self, chat_template, bos, eos) -> None:
+        """The one definition of the chat template and of eos / bos / document start (see the module doc)."""
+        fmt = self.chat_format
+        if fmt is not None:
+            for t in ([fmt.eos] if fmt.eos else []) + list(fmt.stop):
+                self._tid(t, f"chat format '{fmt.name}'")
+            stops = list(fmt.stop)
+            default_template, default_bos = fmt.jinja(), fmt.eos or None
+            default_eos = stops[0] if stops else (fmt.eos or None)
+        else:
+            missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
+            # ChatML's tokens are needed only to render ChatML and as default bos/eos.
+            if missing and (chat_template in (None, CHAT_TEMPLATE) or eos is None):
+                raise GebError(f"{self.source}: tokenizer lacks the special token(s) {', '.join(missing)}")
+            # ChatML's end-of-turn and end-of-text stop generation too whenever the vocabulary has them
+            stops = [t for t in dict.fromkeys((eos or IM_END, IM_END, EOS)) if self._tok.token_to_id(t) is not None]
+            default_template, default_bos, default_eos = CHAT_TEMPLATE, EOS, IM_END
+        self.chat_template = chat_template or default_template
+        eos = eos or default_eos
+        bos = bos or default_bos
+        # A format without an end token (e.g. "plain") has no eos; training an imported model needs one.
+        self.eos_id = self._tid(eos, "eos_token") if eos else None
+        self.bos_id = self._tid(bos, "bos_token") if bos else None
+        self.doc_id = self.bos_id if self.bos_id is not None else self.eos_id
+        stop_ids = [self._tid(t, "stop token") for t in stops]
+        if self.eos_id is not None and self.eos_id not in stop_ids:
+            stop_ids.insert(0, self.eos_id)
+        self._stop_ids = stop_ids
+        # Padding (masked wherever it is used): ChatML's <|endoftext|>, a format's end-of-document token.
+        pad = EOS if fmt is None and self._tok.token_to_id(EOS) is not None else (fmt.eos if fmt is not None else "")
+        self.pad_id = self._tid(pad, "pad token") if pad else self.eos_id
         self.im_start_id = self._tok.token_to_id(IM_START)
-        self.im_end_id = self._stop_ids[0] if self._stop_ids else None
+        self.im_end_id = self._tok.token_to_id(IM_END) if fmt is None else self.eos_id
 
     # -- training / io ------------------------------------------------------------------------
     @classmethod
@@ -124,42 +155,45 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(f))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise GebError(f"{f}: not a valid tokenizer.json ({e})") from None
-        fmt = None
-        tc = f.with_name("tokenizer_config.json")
+        fmt, tc, cfg = None, f.with_name("tokenizer_config.json"), {}
         if tc.is_file():
             try:
-                spec = json.loads(tc.read_text(encoding="utf-8")).get("geb_chat_format")
+                cfg = json.loads(tc.read_text(encoding="utf-8"))
+                spec = cfg.get("geb_chat_format")
             except (json.JSONDecodeError, AttributeError) as e:
                 raise GebError(f"{tc}: not a valid JSON object ({e})") from None
             if spec is not None:
                 from geb.chat_format import ChatFormat
 
                 fmt = ChatFormat.from_dict(spec, f"{tc}: geb_chat_format")
-        return cls(tok, source=str(f), chat_format=fmt)
+        template = cfg.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise GebError(f"{tc}: field 'chat_template' must be a string (one template)")
+        return cls(tok, source=str(f), chat_format=fmt, chat_template=template,
+                   bos=token_text(cfg, "bos_token"), eos=token_text(cfg, "eos_token"))
 
     def save(self, folder: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json (loadable by PreTrainedTokenizerFast)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(folder / "tokenizer.json"))
+        name = lambda i: None if i is None else self._tok.id_to_token(i)  # noqa: E731
+        fmt = self.chat_format
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": None,
-            "eos_token": IM_END,
-            "pad_token": EOS,
+            "bos_token": name(self.bos_id),
+            "eos_token": name(self.eos_id),
+            "pad_token": name(self.pad_id),
             "unk_token": None,
-            "additional_special_tokens": [IM_START, IM_END],
+            "additional_special_tokens": [IM_START, IM_END] if fmt is None and self.im_start_id is not None else [],
             "clean_up_tokenization_spaces": False,
             "add_bos_token": False,
             "add_eos_token": False,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": self.chat_template,
             "model_max_length": 1 << 30,
         }
-        fmt = self.chat_format
         if fmt is not None:
-            end = fmt.stop[0] if fmt.stop else (fmt.eos or None)
-            cfg.update(eos_token=end, pad_token=fmt.eos or end, additional_special_tokens=[],
-                       chat_template=fmt.jinja(), geb_chat_format=fmt.to_dict())
+            cfg["geb_chat_format"] = fmt.to_dict()
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
     # -- basic ops ----------------------------------------------------------------------------
@@ -205,10 +239,18 @@ class Tokenizer:
         the segments the Jinja template produces between special tokens, so ids equal what
         transformers' apply_chat_template + encode gives. Message text cannot inject special tokens.
         """
-        if self.chat_format is not None:
+        fmt = self.chat_format
+        if fmt is not None and self.chat_template == fmt.jinja():
             from geb.chat_format import render
 
-            return render(self.chat_format, self._tok, messages, add_generation_prompt, ROLES)
+            return render(fmt, self._tok, messages, add_generation_prompt, ROLES)
+        if fmt is not None or self.chat_template != CHAT_TEMPLATE:
+            from geb.chat_format import render_template
+
+            name = lambda i: "" if i is None else self._tok.id_to_token(i)  # noqa: E731
+            return render_template(self.chat_template, self._tok, messages, add_generation_prompt, ROLES,
+                                   bos_token=name(self.bos_id), eos_token=name(self.eos_id),
+                                   source=f"{self.source}: chat_template")
         ids: list[int] = []
         mask: list[int] = []
         for i, m in enumerate(messages):
@@ -237,6 +279,12 @@ class Tokenizer:
             ids.extend(gp)
             mask.extend([0] * len(gp))
         return ids, mask
+
+
+def token_text(cfg: dict, key: str) -> str | None:
+    """A special token named in tokenizer_config.json: a string or transformers' {"content": ...} form."""
+    v = cfg.get(key)
+    return v.get("content") if isinstance(v, dict) else v
 
 
 def efficiency(tok: "Tokenizer", texts: list[str]) -> dict:

@@ -63,8 +63,8 @@ def test_loss_and_gradient_match_the_dpo_formula(tokenizer, tiny_cfg, label_smoo
     ref = torch.randn(len(pairs), 2) * 3 - 40
     beta = 0.3
     task = DPOTask(pairs, ref, [], torch.zeros(0, 2), batch_size=5, grad_accum=1, seed=0,
-                   pad_id=tokenizer.eos_id, beta=beta, label_smoothing=label_smoothing)
-    b = collate_pairs(pairs, tokenizer.eos_id)
+                   pad_id=tokenizer.pad_id, beta=beta, label_smoothing=label_smoothing)
+    b = collate_pairs(pairs, tokenizer.pad_id)
     b["ref"] = ref
     loss, mets = task.loss(model, b)
     loss.backward()

@@ -122,14 +122,14 @@ def test_bridge_methods_in_process(model_dir):
     ids = tok.encode(text)
     assert len(ids) > 2 * 64
     want = 0.0
-    for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(ids, tok.eos_id, 64, 1)):
+    for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(ids, tok.doc_id, 64, 1)):
         with torch.no_grad():
             lp = torch.log_softmax(model(torch.tensor([ctx + cont[:-1]]))[0].float()[:, : tok.vocab_size], -1)
         want += float(sum(lp[len(ctx) - 1 + j, t] for j, t in enumerate(cont)))
     assert lm.loglikelihood_rolling([req("loglikelihood_rolling", text)])[0] == pytest.approx(want, abs=1e-2)
     # an empty context is the end-of-document token; trailing spaces move to the continuation
     (a, _), (b, _) = lm.loglikelihood([req("loglikelihood", "", "Paris"), req("loglikelihood", "France is ", "Paris")])
-    c = lm.scorer.loglikelihood([([tok.eos_id], tok.encode("Paris")), (tok.encode("France is"), tok.encode(" Paris"))])
+    c = lm.scorer.loglikelihood([([tok.doc_id], tok.encode("Paris")), (tok.encode("France is"), tok.encode(" Paris"))])
     assert (a, b) == pytest.approx((c[0][0], c[1][0]), abs=1e-4)
     # generation stops at `until` and is greedy by default
     out = lm.generate_until([req("generate_until", "北京是", {"until": ["。"], "max_gen_toks": 12})])[0]

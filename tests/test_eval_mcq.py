@@ -371,7 +371,7 @@ def test_the_data_filter_and_the_quantization_report_share_the_scorer(long_model
     ids = tok.encode(text)
     sc = Scorer(model, tok)
     # by hand: every token predicted from the ones before it, the first from the end-of-document id
-    seq = [tok.eos_id] + ids
+    seq = [tok.doc_id] + ids
     with torch.no_grad():
         nll = 0.0
         for k in range(0, len(ids), model.cfg.max_seq_len):
@@ -385,7 +385,7 @@ def test_the_data_filter_and_the_quantization_report_share_the_scorer(long_model
     assert perplexity(rt, ids, rtok) == pytest.approx(want, rel=1e-4)
     # the filter scores the document and its end
     assert GebModelScorer(long_model_dir).perplexity(text) == pytest.approx(
-        perplexity_of(sc, ids + [tok.eos_id]), rel=1e-4)
+        perplexity_of(sc, ids + [tok.doc_id]), rel=1e-4)
 
 
 def test_evaluate_is_load_score_report_over_one_options_object(tmp_path, tiny_model_dir):

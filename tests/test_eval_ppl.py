@@ -45,7 +45,7 @@ def _direct(model, tok, ids: list[int], L: int) -> float:
     shorter document); each later window
     is the L tokens that end just before its last target (full windows see 1 token of context)."""
     first = min(L, len(ids))
-    total = _window_lp(model, tok, [tok.eos_id] + ids[: first - 1], ids[:first])
+    total = _window_lp(model, tok, [tok.doc_id] + ids[: first - 1], ids[:first])
     done = L
     while done < len(ids):
         end = min(done + L, len(ids))
@@ -91,12 +91,12 @@ def test_token_folder_and_tokenizer_mismatch(tmp_path, model_dir, loaded):
 
     model, tok = loaded
     docs = ["In 2024, 3 cats and 12 dogs lived on Maple Street.", "熊猫生活在四川的山里。"]
-    w = TokenWriter(tmp_path / "tok", tok.vocab_size, tok.eos_id)
+    w = TokenWriter(tmp_path / "tok", tok.vocab_size, tok.doc_id)
     for d in docs:
         w.add(tok.encode(d), split="val")
     w.close()
     r = perplexity(model_dir, tmp_path / "tok", split="val")
-    stream = tok.encode(docs[0]) + [tok.eos_id] + tok.encode(docs[1]) + [tok.eos_id]
+    stream = tok.encode(docs[0]) + [tok.doc_id] + tok.encode(docs[1]) + [tok.doc_id]
     assert r["tokens"] == len(stream) and r["bytes"] == len("".join(docs).encode())
     assert r["nll_sum"] == pytest.approx(-_direct(model, tok, stream, model.cfg.max_seq_len), rel=1e-5)
     with pytest.raises(GebError, match="no split 'train'"):

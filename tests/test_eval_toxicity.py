@@ -149,7 +149,7 @@ def test_hugging_face_classifier(tmp_path, tokenizer):
     cfg = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
                                   num_attention_heads=2, intermediate_size=64, num_labels=2,
                                   id2label={0: "benign", 1: "toxic"}, label2id={"benign": 0, "toxic": 1},
-                                  pad_token_id=tokenizer.eos_id)
+                                  pad_token_id=tokenizer.pad_id)
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(cfg).eval()
     model.save_pretrained(tmp_path / "clf")

@@ -55,7 +55,7 @@ def inputs(tmp_path_factory, tokenizer, tiny_model_dir):
 
     root = tmp_path_factory.mktemp("inputs")
     tokenizer.save(root / "tok")
-    w = TokenWriter(root / "tokens", tokenizer.vocab_size, tokenizer.eos_id,
+    w = TokenWriter(root / "tokens", tokenizer.vocab_size, tokenizer.doc_id,
                     extra_meta={"tokenizer": str(root / "tok"), "tokenizer_hash": tokenizer.hash()})
     for t in SAMPLE_TEXT:
         w.add(tokenizer.encode(t), "train")
@@ -402,7 +402,7 @@ def test_verify_data_checks_every_byte(tmp_path, capsys, tokenizer, monkeypatch)
 
     monkeypatch.setattr(tokens, "SAMPLE_BYTES", 64)  # 16 blocks of 64 bytes: most of the shard unsampled
     tokenizer.save(tmp_path / "tok")
-    w = TokenWriter(tmp_path / "d", tokenizer.vocab_size, tokenizer.eos_id,
+    w = TokenWriter(tmp_path / "d", tokenizer.vocab_size, tokenizer.doc_id,
                     extra_meta={"tokenizer": str(tmp_path / "tok"), "tokenizer_hash": tokenizer.hash()})
     for t in SAMPLE_TEXT * 4:
         w.add(tokenizer.encode(t), "train")

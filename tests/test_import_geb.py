@@ -470,8 +470,9 @@ def test_imported_release_exports_to_gguf_with_sentencepiece_vocab(tmp_path, sp_
     assert field("tokenizer.ggml.model") == "llama" and len(field("tokenizer.ggml.scores")) == release_cfg.vocab_size
     types = field("tokenizer.ggml.token_type")
     assert types[n] == 3 and field("tokenizer.ggml.tokens")[n] == "[MASK]" and types[-1] == 5
-    assert field("tokenizer.ggml.eos_token_id") == tok._tok.token_to_id("<eod>")
-    assert field("tokenizer.ggml.eot_token_id") == tok._tok.token_to_id("<|user|>")
+    # eos = end of a turn (the chat format's first stop), bos = document start (its end-of-document token)
+    assert field("tokenizer.ggml.eos_token_id") == field("tokenizer.ggml.eot_token_id") == tok._tok.token_to_id("<|user|>")
+    assert field("tokenizer.ggml.bos_token_id") == tok.doc_id == tok._tok.token_to_id("<eod>")
 
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, n_threads=1, n_batch=128,

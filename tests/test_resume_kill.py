@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write(folder, train_ids, val_ids, tokenizer, tok_dir):
-    w = TokenWriter(folder, tokenizer.vocab_size, tokenizer.eos_id,
+    w = TokenWriter(folder, tokenizer.vocab_size, tokenizer.doc_id,
                     extra_meta={"tokenizer": str(tok_dir), "tokenizer_hash": tokenizer.hash()})
     w.add(train_ids, "train")
     w.add(val_ids, "val")
@@ -43,8 +43,8 @@ def spiky_data(tmp_path_factory, tokenizer):
     """A token folder in which the batches the loop draws at the BAD cursors are uniform random tokens."""
     root = tmp_path_factory.mktemp("kill")
     tokenizer.save(root / "tok")
-    stream = [i for t in SAMPLE_TEXT * 3 for i in tokenizer.encode(t) + [tokenizer.eos_id]]
-    val = [i for t in SAMPLE_TEXT[:16] for i in tokenizer.encode(t) + [tokenizer.eos_id]]
+    stream = [i for t in SAMPLE_TEXT * 3 for i in tokenizer.encode(t) + [tokenizer.doc_id]]
+    val = [i for t in SAMPLE_TEXT[:16] for i in tokenizer.encode(t) + [tokenizer.doc_id]]
     _write(root / "clean", stream, val, tokenizer, root / "tok")
     # where the cursor -> window mapping puts the bad batches (the mapping depends only on the length)
     task = PretrainTask(TokenData(root / "clean"), SEQ, BATCH, 1, SEED)

@@ -42,7 +42,7 @@ def test_loss_mask_is_exactly_the_assistant_turns(tokenizer):
     (ex,), _, _ = load_conversations([{"messages": msgs}], tokenizer, 128)
     ids, mask = ex
     assert ids[-1] == tokenizer.im_end_id  # ends at the last <|im_end|>: the trailing newline carries no loss
-    b = collate([[ex]], tokenizer.eos_id)
+    b = collate([[ex]], tokenizer.pad_id)
     trained = [t for t in b["targets"][0].tolist() if t != IGNORE]
     # the trained tokens are the two answers, each followed by <|im_end|>, and nothing else
     expect = tokenizer.encode("中国的首都。") + [tokenizer.im_end_id] + tokenizer.encode("The capital of France.") + [tokenizer.im_end_id]
@@ -87,13 +87,13 @@ def test_packed_conversation_has_the_same_loss_as_alone(tokenizer, tiny_cfg):
     torch.manual_seed(0)
     model = GEB(tiny_cfg).eval()
     exs, _, _ = load_conversations(CONVS[:3], tokenizer, 128)
-    packed = collate([exs], tokenizer.eos_id)
+    packed = collate([exs], tokenizer.pad_id)
     assert "attn_mask" in packed and packed["ids"].shape[0] == 1
     with torch.no_grad():
         lp = model(packed["ids"], positions=packed["positions"], attn_mask=packed["attn_mask"])
         o = 0
         for ex in exs:
-            alone = collate([[ex]], tokenizer.eos_id)
+            alone = collate([[ex]], tokenizer.pad_id)
             la = model(alone["ids"], positions=alone["positions"])
             n = len(ex[0]) - 1
             torch.testing.assert_close(lp[0, o : o + n], la[0, :n], atol=1e-5, rtol=1e-5)
@@ -101,7 +101,7 @@ def test_packed_conversation_has_the_same_loss_as_alone(tokenizer, tiny_cfg):
             o += n
         # changing the second conversation changes nothing in the first or third
         other = [exs[0], ([tokenizer.im_start_id] * len(exs[1][0]), exs[1][1]), exs[2]]
-        p2 = collate([other], tokenizer.eos_id)
+        p2 = collate([other], tokenizer.pad_id)
         l2 = model(p2["ids"], positions=p2["positions"], attn_mask=p2["attn_mask"])
         n0, n1 = len(exs[0][0]) - 1, len(exs[1][0]) - 1
         assert torch.equal(l2[0, :n0], lp[0, :n0]) and torch.equal(l2[0, n0 + n1 :], lp[0, n0 + n1 :])
@@ -109,7 +109,7 @@ def test_packed_conversation_has_the_same_loss_as_alone(tokenizer, tiny_cfg):
         total = model(packed["ids"], packed["targets"], positions=packed["positions"], attn_mask=packed["attn_mask"])
         num, den = 0.0, 0
         for ex in exs:
-            a = collate([[ex]], tokenizer.eos_id)
+            a = collate([[ex]], tokenizer.pad_id)
             logits = model(a["ids"], positions=a["positions"])
             num += float(F.cross_entropy(logits[0], a["targets"][0], ignore_index=IGNORE, reduction="sum"))
             den += int((a["targets"] != IGNORE).sum())
@@ -118,8 +118,8 @@ def test_packed_conversation_has_the_same_loss_as_alone(tokenizer, tiny_cfg):
 
 def test_batches_are_a_pure_function_of_the_cursor(tokenizer):
     exs, _, _ = load_conversations(CONVS, tokenizer, 64)
-    a = SFTTask(exs, [], 64, 3, 2, seed=5, pad_id=tokenizer.eos_id)
-    b = SFTTask(exs, [], 64, 3, 2, seed=5, pad_id=tokenizer.eos_id)
+    a = SFTTask(exs, [], 64, 3, 2, seed=5, pad_id=tokenizer.pad_id)
+    b = SFTTask(exs, [], 64, 3, 2, seed=5, pad_id=tokenizer.pad_id)
     for idx, micro in [(7, 1), (0, 0), (3, 1)]:
         x, y = a.batch(idx, micro), b.batch(idx, micro)
         assert all(torch.equal(x[k], y[k]) for k in x)

@@ -147,5 +147,5 @@ class GebModelScorer:
     def perplexity(self, text: str) -> float:
         from geb.scoring import perplexity_of
 
-        ids = self.tokenizer.encode(text, allow_special=False) + [self.tokenizer.eos_id]
+        ids = self.tokenizer.encode(text, allow_special=False) + [self.tokenizer.doc_id]
         return perplexity_of(self.scorer, ids)

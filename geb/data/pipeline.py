@@ -475,7 +475,7 @@ def pack_text(text_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Pa
     if val_texts is None and not val and val_fraction > 0 and len(scores) >= 2:
         val = {min(scores)[1]}
     with AtomicFolder(out_dir, kind="tokens") as tmp:
-        w = TokenWriter(tmp, vocab_size=tok.vocab_size, eos_id=tok.eos_id, shard_tokens=shard_tokens,
+        w = TokenWriter(tmp, vocab_size=tok.vocab_size, eos_id=tok.doc_id, shard_tokens=shard_tokens,
                         extra_meta={"stage": "data-pack", **want, "tokenizer": str(Path(tokenizer_dir).resolve())})
         for doc_id, text in iter_docs(text_dir):
             # raw text may contain "<|endoftext|>" literally: it is text here, never a control token

@@ -53,7 +53,7 @@ def pack_texts(docs: list[str], tokenizer, out: str | Path, val_fraction: float 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with AtomicFolder(out, kind="tokens") as tmp:
-        w = TokenWriter(tmp, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+        w = TokenWriter(tmp, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.doc_id,
                         extra_meta={"tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,
                                     "tokenizer_hash": tokenizer.hash()})
         for split, items in (("train", docs), ("val", val_docs)):

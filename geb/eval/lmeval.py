@@ -74,9 +74,7 @@ class GebLM(_LMBase):
         return f"geb-{self.tok.hash()}"
 
     def chat_template(self, chat_template=False) -> str:
-        from geb.tokenizer import CHAT_TEMPLATE
-
-        return CHAT_TEMPLATE
+        return self.tok.chat_template
 
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
         ids, _ = self.tok.render_chat(list(chat_history), add_generation_prompt=add_generation_prompt)

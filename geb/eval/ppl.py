@@ -1,9 +1,9 @@
 """Perplexity and bits per byte of a model on a text file or a packed token folder (`geb eval ppl`).
 
-A text file is one document: its tokens are scored after the end-of-document id, in windows of the
+A text file is one document: its tokens are scored after the document start (`Tokenizer.doc_id`), in windows of the
 model's context (stride = context: lm-eval's disjoint rolling windows; a smaller stride gives each
 window more context and a lower, slower estimate). A token folder's split is scored as the stream
-the trainer sees (documents joined by the end-of-document id). Bits per byte divide the total
+the trainer sees (documents joined by the document separator, the same id). Bits per byte divide the total
 negative log-likelihood (in bits) by the UTF-8 bytes of the text, so models with different
 tokenizers can be compared; token perplexity cannot.
 """
@@ -24,9 +24,9 @@ def _check_tokens(data, tok, model_vocab: int, folder: Path) -> None:
     want = data.meta.get("tokenizer_hash")
     if want and want != tok.hash():
         raise GebError(f"{folder}: tokens were made with tokenizer {want}, the model's tokenizer is {tok.hash()}")
-    if data.eos_id != tok.eos_id or data.vocab_size not in (tok.vocab_size, model_vocab):
+    if data.eos_id != tok.doc_id or data.vocab_size not in (tok.vocab_size, model_vocab):
         raise GebError(f"{folder}: token folder has vocab_size {data.vocab_size} and eos_id {data.eos_id}, the model's "
-                       f"tokenizer has {tok.vocab_size} and {tok.eos_id} (made with a different tokenizer)")
+                       f"tokenizer has {tok.vocab_size} and {tok.doc_id} (made with a different tokenizer)")
 
 
 def perplexity(model_dir=None, data=None, split: str = "val", max_tokens: int | None = None,
@@ -57,7 +57,7 @@ def perplexity(model_dir=None, data=None, split: str = "val", max_tokens: int | 
             raise GebError(f"{path}: no split '{split}' (has: {', '.join(td.splits())})")
         arr = td.array(split)
         ids = [int(x) for x in arr[: max_tokens or arr.size]]
-        if ids and ids[0] == tokenizer.eos_id:
+        if ids and ids[0] == tokenizer.doc_id:
             ids = ids[1:]
         n_bytes = len(tokenizer.decode(ids, skip_special=True).encode("utf-8"))
         source = {"kind": "tokens", "path": str(path), "split": split, "data_hash": td.data_hash}

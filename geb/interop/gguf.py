@@ -116,11 +116,6 @@ def _pre_tokenizer_name(tj: dict, source: str) -> str:
                    f"SmolLM pre-tokenization; this one has {kinds}")
 
 
-def _token_text(tc: dict, key: str) -> str | None:
-    v = tc.get(key)
-    return v.get("content") if isinstance(v, dict) else v
-
-
 def _bpe_vocab(writer, tj: dict, vocab_size: int, source: str, gguf) -> tuple[dict[str, int], dict]:
     """geb's byte-level BPE → llama.cpp's `gpt2` tokenizer with the matching pre-tokenizer."""
     model = tj.get("model") or {}
@@ -205,27 +200,25 @@ def add_tokenizer(writer, src: GebFolder, vocab_size: int, gguf) -> dict:
         vocab, info = _spm_vocab(writer, spm_path, tj, vocab_size, gguf)
     else:
         vocab, info = _bpe_vocab(writer, tj, vocab_size, source, gguf)
-    ids = {}
-    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
-                     ("pad_token", writer.add_pad_token_id)):
-        text = _token_text(tc, key)
-        if text is not None and text in vocab:
-            ids[key] = vocab[text]
-    fmt = tc.get("geb_chat_format") or {}
-    if fmt.get("eos") in vocab:  # a chat format: its document end is the EOS, its first stop the end of turn
-        ids["eos_token"] = vocab[fmt["eos"]]
-    if fmt.get("stop") and fmt["stop"][0] in vocab:
-        writer.add_eot_token_id(vocab[fmt["stop"][0]])
-    if "bos_token" not in ids and "pad_token" in ids:
-        ids["bos_token"] = ids["pad_token"]  # llama.cpp wants some BOS id; add_bos_token is false
-    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
-                     ("pad_token", writer.add_pad_token_id)):
+    # bos (document start), eos (end of turn) and the chat template: the folder's one definition.
+    from geb.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(src.folder)
+    text = {"bos": tok.id_to_token(tok.doc_id) if tok.doc_id is not None else None,
+            "eos": tok.id_to_token(tok.eos_id) if tok.eos_id is not None else None,
+            "pad": tok.id_to_token(tok.pad_id) if tok.pad_id is not None else None}
+    ids = {k: vocab[t] for k, t in text.items() if t is not None and t in vocab}
+    if "bos" not in ids and "pad" in ids:
+        ids["bos"] = ids["pad"]  # llama.cpp wants some BOS id; add_bos_token is false
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                     ("pad", writer.add_pad_token_id)):
         if key in ids:
             add(ids[key])
+    if "eos" in ids:
+        writer.add_eot_token_id(ids["eos"])
     writer.add_add_bos_token(bool(tc.get("add_bos_token", False)))
     writer.add_add_eos_token(bool(tc.get("add_eos_token", False)))
-    if tc.get("chat_template"):
-        writer.add_chat_template(tc["chat_template"])
+    writer.add_chat_template(tok.chat_template)
     return info
 
 
@@ -488,6 +481,20 @@ def _geb_name(name: str, n_layer: int, source: str) -> str:
     raise GebError(f"{source}: unknown tensor '{name}' (not part of the llama/qwen2 architectures geb imports)")
 
 
+def _gguf_specials(f: _Fields, hf_tok, source: str) -> dict:
+    """The model's own chat template and bos/eos tokens (by id in the GGUF) as Tokenizer arguments."""
+    out = {"chat_template": f.get("tokenizer.chat_template")}
+    for key, arg in (("tokenizer.ggml.bos_token_id", "bos"), ("tokenizer.ggml.eos_token_id", "eos")):
+        i = f.get(key)
+        if i is None:
+            continue
+        text = hf_tok.id_to_token(int(i))
+        if text is None:
+            raise GebError(f"{source}: field '{key}' = {i} is not a token id of 'tokenizer.ggml.tokens'")
+        out[arg] = text
+    return out
+
+
 def read_gguf(path: str | Path):
     """Read a llama- or qwen2-architecture GGUF → (ModelConfig, state dict in geb names (FP32), tokenizer, info)."""
     gguf = _gguf()
@@ -521,7 +528,7 @@ def read_gguf(path: str | Path):
     if not ARCHITECTURES[arch] and rot != head_dim:
         raise GebError(f"{path}: field '{a}.rope.dimension_count' = {rot}: partial rotary is not supported for {a}")
     hf_tok, n_tokens = gguf_tokenizer(f, source)
-    tokenizer = Tokenizer(hf_tok, source=source)
+    tokenizer = Tokenizer(hf_tok, source=source, **_gguf_specials(f, hf_tok, source))
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise GebError(f"{path}: missing tensor 'token_embd.weight'")
@@ -561,7 +568,7 @@ def read_gguf(path: str | Path):
         sd[gname] = w
     info = {"architecture": arch, "file_type": f.get("general.file_type"),
             "tensor_types": sorted({t.tensor_type.name for t in reader.tensors}),
-            "chat_template": f.get("tokenizer.chat_template"), "tokenizer_pre": f.get("tokenizer.ggml.pre", "gpt2")}
+            "tokenizer_pre": f.get("tokenizer.ggml.pre", "gpt2")}
     return cfg, sd, tokenizer, info
 
 

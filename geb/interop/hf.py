@@ -11,7 +11,6 @@ transformers (plain safetensors + JSON); import and the tests use it only to che
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -57,12 +56,8 @@ def geb_name(name: str, n_layer: int, source: str) -> str:
     raise GebError(f"{source}: unknown tensor '{name}' (not part of LlamaForCausalLM/Qwen2ForCausalLM)")
 
 
-def hf_config(cfg: ModelConfig, tok_cfg: dict, vocab: dict[str, int], dtype: str) -> dict:
-    def tid(key):
-        v = tok_cfg.get(key)
-        v = v.get("content") if isinstance(v, dict) else v
-        return vocab.get(v) if v is not None else None
-
+def hf_config(cfg: ModelConfig, tok, dtype: str) -> dict:
+    """config.json for a geb ModelConfig; `tok` (a geb Tokenizer) gives bos (document start) and eos."""
     # q/k/v biases without an o_proj bias are Qwen2's layout (Llama's attention_bias adds all four).
     arch = ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama")
     return {
@@ -75,7 +70,7 @@ def hf_config(cfg: ModelConfig, tok_cfg: dict, vocab: dict[str, int], dtype: str
         # transformers 4.x reads rope_theta/rope_scaling, 5.x reads rope_parameters: write both.
         "rope_theta": cfg.rope_base, "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
-        "bos_token_id": tid("bos_token"), "eos_token_id": tid("eos_token"), "pad_token_id": tid("pad_token"),
+        "bos_token_id": tok.doc_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
         "torch_dtype": dtype, "use_cache": True,
     }
 
@@ -93,9 +88,9 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "float32") ->
     if c.rotary_dims != c.head_dim:
         raise GebError(f"{src.folder}: config field 'rope_dims' = {c.rope_dims} (partial rotary) has no Llama "
                        "equivalent in transformers; export to GGUF instead")
-    tj, tc = src.tokenizer_json(), src.tokenizer_config()
-    vocab = dict((tj.get("model") or {}).get("vocab") or {})
-    vocab.update({t["content"]: t["id"] for t in tj.get("added_tokens", [])})
+    from geb.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(src.folder)
     sd = {}
     for name in src.shapes:
         w = src.tensor(name)
@@ -104,12 +99,8 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "float32") ->
             heads = c.n_head if ".wq." in name else c.n_kv_head
             w = interleaved_to_half(w, heads, c.head_dim, c.head_dim)
         sd[hf_name(name)] = w.to(DTYPES[dtype]).contiguous()
-    config = hf_config(c, tc, vocab, dtype)
-    stops = []
-    if tc.get("geb_chat_format"):
-        stops = [vocab[t] for t in tc["geb_chat_format"].get("stop", []) if t in vocab]
-    else:
-        stops = [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
+    config = hf_config(c, tok, dtype)
+    stops = tok.stop_ids
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": stops or config["eos_token_id"],
            "pad_token_id": config["pad_token_id"], "do_sample": True, "temperature": 0.7, "top_p": 0.9,
            "repetition_penalty": 1.05}
@@ -119,8 +110,7 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "float32") ->
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copyfile(src.folder / f, tmp / f)
+        tok.save(tmp)  # tokenizer.json and tokenizer_config.json with the bos/eos config.json names
         readme = (f"# {src.folder.name}\n\nExported from a geb model folder ({c.num_params():,} parameters). "
                   "Load with `transformers.AutoModelForCausalLM.from_pretrained(path)`; the chat template is "
                   "in tokenizer_config.json.\n")
@@ -209,7 +199,7 @@ def import_hf(path: str | Path, out: str | Path, chat_format=None) -> Path:
 
     from geb.chat_format import resolve
     from geb.interop.common import write_geb_folder
-    from geb.tokenizer import Tokenizer
+    from geb.tokenizer import Tokenizer, token_text
 
     folder = Path(path)
     if not folder.is_dir():
@@ -236,13 +226,23 @@ def import_hf(path: str | Path, out: str | Path, chat_format=None) -> Path:
     except Exception as e:
         raise GebError(f"{tfile}: not a valid tokenizer.json ({e})") from None
     fmt = resolve(chat_format)
-    if fmt is None:
-        try:
-            tok = Tokenizer(hf_tok, source=str(tfile))
-        except GebError as e:
-            raise GebError(f"{e}; choose a chat format with --chat-format (chatml, chatglm3, plain or a JSON file)") from None
-    else:
-        tok = Tokenizer(hf_tok, source=str(tfile), chat_format=fmt)
+    # The folder's own chat template and bos/eos carry over; --chat-format replaces the template.
+    tc_file = folder / "tokenizer_config.json"
+    tc = read_json_object(tc_file, "tokenizer config") if tc_file.is_file() else {}
+    template = tc.get("chat_template") if fmt is None else None
+    if isinstance(template, list):  # transformers' named templates: [{"name": ..., "template": ...}]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise GebError(f"{tc_file}: field 'chat_template' must be a string or a list with a 'default' template")
+    specials = {"bos": token_text(tc, "bos_token"), "eos": token_text(tc, "eos_token")}
+    specials = {k: v for k, v in specials.items() if v is not None and hf_tok.token_to_id(v) is not None}
+    try:
+        tok = Tokenizer(hf_tok, source=str(tfile), chat_format=fmt, chat_template=template,
+                        **(specials if fmt is None else {}))
+    except GebError as e:
+        if fmt is not None:
+            raise
+        raise GebError(f"{e}; choose a chat format with --chat-format (chatml, chatglm3, plain or a JSON file)") from None
     if tok.vocab_size > cfg.vocab_size:
         raise GebError(f"{tfile}: the tokenizer has {tok.vocab_size} tokens but config.json field 'vocab_size' "
                        f"(the rows of model.embed_tokens.weight) is {cfg.vocab_size}")

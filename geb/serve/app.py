@@ -345,7 +345,7 @@ async def completions(request: Request):
             if bad is not None:
                 raise invalid(f"prompt[{i}]: token id {bad} is outside the vocabulary (0..{vocab - 1})", "prompt")
             ids, text = list(p), state.tok.decode(p)
-        prompts.append(ids or [state.tok.eos_id])  # an empty prompt starts a new document
+        prompts.append(ids or [state.tok.doc_id])  # an empty prompt starts a new document
         texts.append(text)
     return await respond(request, state, sched, req, prompts, chat=False, echo=texts if req.echo else None)
 

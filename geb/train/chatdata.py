@@ -191,7 +191,7 @@ def render_trained(tokenizer, messages: list[dict], train_from: int = 0) -> tupl
     """
     ids, mask = tokenizer.render_chat(messages)
     end = len(ids)
-    while end and ids[end - 1] != tokenizer.im_end_id:
+    while end and ids[end - 1] != tokenizer.eos_id:
         end -= 1
     ids, mask = ids[:end], mask[:end]
     if train_from:

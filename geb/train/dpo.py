@@ -252,7 +252,7 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
         key = {"reference_weights": _file_hash(check_folder(ref_dir) / WEIGHTS), "data_hash": data_hash,
                "val_data_hash": val_hash, "val_fraction": val_fraction, "seed": c.seed, "max_len": max_len,
                "on_bad": on_bad, "dtype": str(amp_dtype), "device": device.type}
-    cache, model = _reference_logps(out_dir, key, ref_dir, pairs, val, max(1, c.batch_size), tok.eos_id, device,
+    cache, model = _reference_logps(out_dir, key, ref_dir, pairs, val, max(1, c.batch_size), tok.pad_id, device,
                                     amp_dtype, log)
     _park_cache(out_dir, inside=False)  # the loop replaces the folder at each checkpoint
     if resume or model is None:
@@ -260,7 +260,7 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
 
     info = {"max_len": max_len, "on_bad": on_bad, "val_fraction": val_fraction, "data": data_label(data),
             "val_data": data_label(val_data)}
-    task = DPOTask(pairs, cache["train"], val, cache["val"], c.batch_size, c.grad_accum, c.seed, tok.eos_id,
+    task = DPOTask(pairs, cache["train"], val, cache["val"], c.batch_size, c.grad_accum, c.seed, tok.pad_id,
                    beta, label_smoothing, c.eval_batches, info)
     if not resume:
         steps = None if epochs is None else max(1, math.ceil(epochs * task.steps_per_epoch()))
@@ -274,7 +274,7 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
     if res.get("stopped"):
         return res
     _park_cache(out_dir, inside=True)
-    final = {"val": preference_eval(model, val, cache["val"], beta, tok.eos_id, c.batch_size, device, amp_dtype)} if val else {}
+    final = {"val": preference_eval(model, val, cache["val"], beta, tok.pad_id, c.batch_size, device, amp_dtype)} if val else {}
     return _finish(out_dir, res, final, log)
 
 

@@ -182,7 +182,7 @@ def run_sft(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
     if resume:
         check_resumed_data(out_dir, old, data_hash, val_hash)
     info = {"on_bad": on_bad, "val_fraction": val_fraction, "data": data_label(data), "val_data": data_label(val_data)}
-    task = SFTTask(examples, val, seq_len, c.batch_size, c.grad_accum, c.seed, tok.eos_id, pack, c.eval_batches, info)
+    task = SFTTask(examples, val, seq_len, c.batch_size, c.grad_accum, c.seed, tok.pad_id, pack, c.eval_batches, info)
     if not resume:
         steps = None if epochs is None else steps_for(epochs, len(task.rows), c.batch_size, c.grad_accum)
         c = fit_schedule(c, steps, warmup_ratio, bool(val))
