@@ -11,7 +11,7 @@ its own executor with a logging folder under out/work/logs/<stage>/ whose comple
 re-run resume where it stopped:
 
   clean            read → rule cleaning → quality filters → out/work/clean/ → MinHash signatures
-  minhash_*        LSH buckets → clusters → filter → out/work/minhash/out/ → paragraph hashes
+  minhash_*        LSH buckets (several per task) → clusters → filter → out/work/minhash/out/ → paragraph hashes
   para_dedup_*     find repeated paragraphs → drop them → out/work/para_dedup/out/ → 3-sentence-span hashes
   sent_dedup_*     find repeated spans → drop them → out/work/sent_dedup/out/
 
@@ -107,12 +107,13 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
     splits the data into; a re-run resumes at task granularity. datatrove sets up logging per task
     (~60 ms here), so many tiny tasks cost more than they save."""
     from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                                  MinhashDedupFilter, MinhashDedupSignature)
+                                                  MinhashDedupFilter)
     from datatrove.pipeline.dedup.sentence_dedup import (SentDedupConfig, SentenceDedupFilter,
                                                          SentenceDedupSignature, SentenceFindDedups)
 
     from datatrove.utils.hashing import HashConfig
 
+    from geb.data.minhash import FastMinhashSignature, GroupedBuckets
     from geb.data.readers import GebReader
     from geb.data.text import BilingualWordTokenizer
 
@@ -149,12 +150,13 @@ def build_stages(input_dir: str | Path, output_dir: str | Path, settings: dict, 
         index_dir = mh["index_dir"] or None
         index_name = (mh["index_name"] or Path(output_dir).resolve().name) if index_dir else None
         out = base / "out"
-        signatures(MinhashDedupSignature(str(base / "sigs"), cfg, language=BilingualWordTokenizer(mh["unit"])),
+        signatures(FastMinhashSignature(str(base / "sigs"), cfg, language=BilingualWordTokenizer(mh["unit"])),
                    "minhash signatures")
+        buckets = MinhashDedupBuckets(str(base / "sigs"), str(base / "buckets"), index_folder=index_dir, config=cfg,
+                                      only_dedup_in_index=False, create_index_name=index_name)
         stages += [
-            Stage("minhash_buckets", [timed(MinhashDedupBuckets(str(base / "sigs"), str(base / "buckets"), index_folder=index_dir,
-                                                                config=cfg, only_dedup_in_index=False,
-                                                                create_index_name=index_name), "minhash buckets")], cfg.num_buckets),
+            # several buckets per task: a task's fixed cost is paid `tasks` times, not num_buckets times
+            Stage("minhash_buckets", [timed(GroupedBuckets(buckets), "minhash buckets")], min(cfg.num_buckets, tasks)),
             Stage("minhash_cluster", [timed(MinhashDedupCluster(str(base / "buckets"), str(base / "remove"), cfg), "minhash cluster")], 1),
             Stage("minhash_filter", [timed(_reader(prev), "read minhash_filter"), Meter("minhash", "in", L.stats),
                                      timed(MinhashDedupFilter(str(base / "remove"), exclusion_writer=_writer(L.removed / "minhash", True)),
