@@ -144,13 +144,14 @@ def build_report(L, settings: dict, files: list[str], stages, times: dict, elaps
 def _chart(steps: list[dict], path: Path) -> str | None:
     if not steps:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure with the Agg canvas, not pyplot: no backend switch of the caller's matplotlib, no pyplot import
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     names = [s["step"] for s in steps][::-1]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(steps) + 1.5))
+    fig = Figure(figsize=(11, 0.35 * len(steps) + 1.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     for ax, key, title in ((axes[0], "docs_removed", "documents removed"), (axes[1], "chars_removed", "characters removed")):
         vals = [s[key] for s in steps][::-1]
         ax.barh(names, vals, color="#4c72b0")
@@ -160,7 +161,6 @@ def _chart(steps: list[dict], path: Path) -> str | None:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     tmp.replace(path)
     return path.name
 
