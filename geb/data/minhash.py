@@ -132,8 +132,14 @@ class FastMinhashSignature(MinhashDedupSignature):
 
 
 def sort_order(records: np.ndarray) -> np.ndarray:
-    """The order of records.sort(order=all fields) (lexicographic over the fields), by np.lexsort."""
-    return np.lexsort([records[name] for name in reversed(records.dtype.names)])
+    """The order of records.sort(order=all fields) (lexicographic over the fields). The first hash
+    nearly always decides: one argsort, and np.lexsort over every field only when it has ties."""
+    names = records.dtype.names
+    first = records[names[0]]
+    order = np.argsort(first, kind="stable")
+    if records.size > 1 and not (first[order[1:]] != first[order[:-1]]).all():
+        order = np.lexsort([records[name] for name in reversed(names)])
+    return order
 
 
 class GroupedBuckets(PipelineStep):
