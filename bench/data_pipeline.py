@@ -292,6 +292,11 @@ def main() -> int:
               "fixed_seconds": fixed,
               # the rate at corpus scale: the run's time less what a run costs with nothing to do
               "mb_per_s_per_worker": {side: {w: round(mb / med[side][w] / w, 3) for w in args.workers} for side in trees},
+              # MB per CPU second (the run's process and its workers): on a shared machine, what one
+              # worker does with a core to itself, which wall time under load does not show
+              "mb_per_cpu_second": {side: {w: round(mb / statistics.median(r["cpu_seconds"] for r in full if r["workers"] == w
+                                                                          and r["code"] == side), 3) for w in args.workers}
+                                    for side in trees},
               # None where noise made the full run no longer than the tiny one
               "marginal_mb_per_s_per_worker": {side: {w: round(mb / (med[side][w] - fixed[side]) / w, 3)
                                                       if med[side][w] > fixed[side] else None

@@ -97,6 +97,9 @@ def main() -> int:
                   "buckets_rate_from": args.heap_side if "minhash buckets" in heap else args.side,
                   "load_average_1min": b.get("load_average_1min")},
         "tb": args.tb, "per_stage": per_stage, "core_hours": core_hours,
+        # the whole pipeline's MB per CPU second in each bench run (for runs made before the bench recorded it)
+        "mb_per_cpu_second": {f"{r['code']} w{r['workers']}": round(mb / r["cpu_seconds"], 3)
+                              for r in b["runs"] if not r.get("tiny")},
         "assumptions": {"doc_bytes": args.doc_bytes, "dup_share": args.dup_share,
                         "note": "every document reaches MinHash (an upper bound: the clean stage drops some first)"},
         "minhash": {"bands": bands, "rows": rows, "documents": docs,
