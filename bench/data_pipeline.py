@@ -16,8 +16,8 @@ Records documents/s and MB/s per worker for the whole pipeline, the clean stage'
 less the MinHash signatures fused into it), the 1-vs-N-worker speed-up, time per stage and per step
 (report.json's timing.steps), the share each step removed and the CPU (geb.cpu.describe()). Writes
 JSON (--out) and prints a Markdown section for docs/benchmarks.md (--md to write it there under
-"## Data pipeline"). The run behind docs/benchmarks.md and docs/data.md (about 3-4 minutes on a quiet
-2-core machine):
+"## Data pipeline"). The run behind docs/benchmarks.md and docs/data.md (about 3 minutes on the shared
+2-core machine), then bench/data_projection.py for the 1 TB projection:
 
     python bench/data_pipeline.py --max-mb 2 --repeats 1 --workers 1 2 --baseline 2ab3329 --old-minhash --profile --md docs/benchmarks.md
 """
