@@ -13,7 +13,7 @@ pipeline's time. Here, with the same inputs and outputs:
   cache; records are written a batch of documents at a time per bucket and sorted per bucket as
   datatrove does. The signature files are byte for byte datatrove's (tests/test_data_minhash.py).
 - `GroupedBuckets`: one task runs several buckets (a task's fixed cost, ~60 ms of datatrove logging
-  setup, was paid 80 times), and a bucket whose signature files fit in `max_memory_bytes` is merged
+  setup, was paid 80 times), and a bucket whose merge fits in `max_memory_bytes` (~3x its files) is merged
   with one array sort instead of the heap; larger buckets, and runs with an index folder, go through
   datatrove's own step. Both write the same `.dups` pairs in the same order.
 """
@@ -148,7 +148,8 @@ class GroupedBuckets(PipelineStep):
     type = "🫂 - DEDUP"
     name = "🎯 MinHash stage 2 (grouped)"
 
-    def __init__(self, step: MinhashDedupBuckets, max_memory_bytes: int = 1 << 30):
+    # 512 MiB: inside the memory a task is given by default on Slurm (datatrove: 2 GB per CPU) and Ray (1 GB here)
+    def __init__(self, step: MinhashDedupBuckets, max_memory_bytes: int = 512 << 20):
         super().__init__()
         self.step = step
         self.max_memory_bytes = max_memory_bytes
