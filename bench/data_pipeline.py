@@ -9,12 +9,17 @@ turn with this checkout's, on the same input, and compare their speed (as ratios
 (the ids and text of the documents kept). A tiny input run measures the fixed cost of a run (process
 pools, datatrove's per-task logging, the report) so the rate at corpus scale can be told from it.
 `--profile` runs the clean stage in-process under cProfile and keeps the top functions.
+`--old-minhash` also runs every side with the MinHash settings before bench/near_dup.py chose the
+defaults (word 5-grams, 14 bands x 8 rows), alternating, to measure what the defaults cost.
 
-Records documents/s and MB/s per worker, time per stage and per step (report.json's
-timing.steps), the share each step removed and the CPU (geb.cpu.describe()). Writes JSON (--out)
-and prints a Markdown section for docs/benchmarks.md (--md to write it there under "## Data pipeline").
+Records documents/s and MB/s per worker for the whole pipeline, the clean stage's MB/s (its wall time
+less the MinHash signatures fused into it), the 1-vs-N-worker speed-up, time per stage and per step
+(report.json's timing.steps), the share each step removed and the CPU (geb.cpu.describe()). Writes
+JSON (--out) and prints a Markdown section for docs/benchmarks.md (--md to write it there under
+"## Data pipeline"). The run behind docs/benchmarks.md and docs/data.md (about 3 minutes on the shared
+2-core machine), then bench/data_projection.py for the 1 TB projection:
 
-    python bench/data_pipeline.py --max-mb 2 --repeats 2 --baseline 9a9c014 --profile --md docs/benchmarks.md
+    python bench/data_pipeline.py --max-mb 2 --repeats 1 --workers 1 2 --baseline 2ab3329 --old-minhash --profile --md docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -96,20 +101,25 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from geb.data.pipeline import run_pipeline, iter_docs
-raw, out, workers = sys.argv[2], sys.argv[3], int(sys.argv[4])
+raw, out, workers, extra = sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
 cpu0 = sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 t0 = time.perf_counter()
-report = run_pipeline(raw, out, workers=workers, overrides={"read": {"txt_mode": "file"}}, tasks=max(4, workers))
+report = run_pipeline(raw, out, workers=workers, overrides={"read": {"txt_mode": "file"}, **extra}, tasks=max(4, workers))
 sec = time.perf_counter() - t0
 cpu = sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 json.dump({"seconds": sec, "cpu_seconds": cpu - cpu0, "report": report}, open(out + ".result.json", "w"), ensure_ascii=False)
 """
 
 
-def run_child(tree: Path, raw: Path, out: Path, workers: int) -> dict:
-    """One pipeline run of the geb package in `tree`, in a fresh process; returns seconds, report, kept docs."""
-    subprocess.run([sys.executable, "-c", CHILD, str(tree), str(raw), str(out), str(workers)], check=True,
-                   cwd=str(tree))
+# The MinHash settings before bench/near_dup.py chose the defaults (word 5-grams, 14 bands x 8 rows)
+OLD_MINHASH = {"rules": {"minhash": {"unit": "words", "n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8}}}
+
+
+def run_child(tree: Path, raw: Path, out: Path, workers: int, extra: dict | None = None) -> dict:
+    """One pipeline run of the geb package in `tree` (with extra settings), in a fresh process; returns
+    seconds, report, kept docs."""
+    subprocess.run([sys.executable, "-c", CHILD, str(tree), str(raw), str(out), str(workers), json.dumps(extra or {})],
+                   check=True, cwd=str(tree))
     res = json.loads(Path(str(out) + ".result.json").read_text())
     sys.path.insert(0, str(ROOT))
     from geb.data.pipeline import iter_docs
@@ -200,6 +210,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--baseline", default=None, help="git ref whose geb package runs in turn with this checkout's")
     ap.add_argument("--profile", action="store_true", help="also profile the clean stage (cProfile, one task)")
+    ap.add_argument("--old-minhash", action="store_true",
+                    help="also run each side with the old MinHash settings (word 5-grams, 14x8), alternating")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_pipeline.json"))
     ap.add_argument("--md", default=None, help="write the Markdown section into this file (e.g. docs/benchmarks.md)")
     args = ap.parse_args()
@@ -211,9 +223,11 @@ def main() -> int:
         print(f"{corpus}: corpus not found; nothing to benchmark")
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="geb-bench-data-"))
-    trees = {"new": ROOT}
+    trees = {"new": (ROOT, {})}
     if args.baseline:
-        trees = {"baseline": extract(args.baseline, tmp / "baseline"), "new": ROOT}
+        trees = {"baseline": (extract(args.baseline, tmp / "baseline"), {}), "new": (ROOT, {})}
+    if args.old_minhash:  # a side is a package and settings: "<side> old-minhash" runs with OLD_MINHASH
+        trees.update({f"{k} old-minhash": (t, OLD_MINHASH) for k, (t, _) in list(trees.items())})
     profile = None
     try:
         raw = tmp / "raw"
@@ -228,9 +242,9 @@ def main() -> int:
         load = [os.getloadavg()[0]]
         for rep in range(args.repeats):
             for w in args.workers:  # alternating, so a neighbour's load hits every setting alike
-                for side, tree in trees.items():
-                    out = tmp / f"out_{side}_w{w}_{rep}"
-                    res = run_child(tree, raw, out, w)
+                for side, (tree, extra) in trees.items():
+                    out = tmp / f"out_{side.replace(' ', '_')}_w{w}_{rep}"
+                    res = run_child(tree, raw, out, w, extra)
                     sec, report = res["seconds"], res["report"]
                     docs = report["input"]["documents"]
                     t = report["timing"]
@@ -247,9 +261,9 @@ def main() -> int:
                     reports.setdefault(side, report)
                     shutil.rmtree(out, ignore_errors=True)
                     load.append(os.getloadavg()[0])
-            for side, tree in trees.items():  # the fixed cost, measured between the real runs
-                out = tmp / f"tiny_{side}_{rep}"
-                res = run_child(tree, tiny, out, 1)
+            for side, (tree, extra) in trees.items():  # the fixed cost, measured between the real runs
+                out = tmp / f"tiny_{side.replace(' ', '_')}_{rep}"
+                res = run_child(tree, tiny, out, 1, extra)
                 runs.append({"code": side, "workers": 1, "repeat": rep, "tiny": True, "seconds": round(res["seconds"], 2),
                              "cpu_seconds": round(res["cpu_seconds"], 2),
                              "stages": res["report"]["timing"]["stages"]})
@@ -278,15 +292,44 @@ def main() -> int:
               "fixed_seconds": fixed,
               # the rate at corpus scale: the run's time less what a run costs with nothing to do
               "mb_per_s_per_worker": {side: {w: round(mb / med[side][w] / w, 3) for w in args.workers} for side in trees},
-              "marginal_mb_per_s_per_worker": {side: {w: round(mb / max(1e-9, med[side][w] - fixed[side]) / w, 3)
+              # MB per CPU second (the run's process and its workers): on a shared machine, what one
+              # worker does with a core to itself, which wall time under load does not show
+              "mb_per_cpu_second": {side: {w: round(mb / statistics.median(r["cpu_seconds"] for r in full if r["workers"] == w
+                                                                          and r["code"] == side), 3) for w in args.workers}
+                                    for side in trees},
+              # None where noise made the full run no longer than the tiny one
+              "marginal_mb_per_s_per_worker": {side: {w: round(mb / (med[side][w] - fixed[side]) / w, 3)
+                                                      if med[side][w] > fixed[side] else None
                                                       for w in args.workers} for side in trees},
               "steps": steps,
               "step_seconds_w1": statistics_by_step([r for r in full if r["workers"] == 1 and r["code"] == "new"]),
+              "step_seconds_w1_by_code": {side: statistics_by_step([r for r in full if r["workers"] == 1 and r["code"] == side])
+                                          for side in trees},
+              "stage_seconds_w1_by_code": {side: {k: round(statistics.median(r["stages"].get(k, 0.0) for r in full
+                                                                          if r["workers"] == 1 and r["code"] == side), 3)
+                                                  for k in next(r["stages"] for r in full if r["code"] == side)}
+                                           for side in trees},
+              # the clean stage's own rate: its wall time (one worker) less the MinHash signatures fused into it
+              "clean_stage_mb_per_s": {side: round(mb / statistics.median(
+                  r["stages"]["clean"] - r["steps"].get("minhash signatures", 0.0) for r in full
+                  if r["workers"] == 1 and r["code"] == side), 3) for side in trees} if 1 in args.workers else {},
+              # the time with the first worker count over the time with each other (ideal: the ratio of the counts)
+              "workers_speedup": {side: {w: round(med[side][args.workers[0]] / med[side][w], 2) for w in args.workers[1:]}
+                                  for side in trees},
               "load_average_1min": [round(x, 1) for x in load],
               "bad_input": first["input"]["bad_input"],
               "command": f"python bench/data_pipeline.py --max-mb {args.max_mb} --repeats {args.repeats} "
                          f"--workers {' '.join(map(str, args.workers))}"
-                         + (f" --baseline {args.baseline}" if args.baseline else "") + (" --profile" if args.profile else "")}
+                         + (f" --baseline {args.baseline}" if args.baseline else "") + (" --profile" if args.profile else "")
+                         + (" --old-minhash" if args.old_minhash else "")}
+    if args.old_minhash:  # what the MinHash defaults cost: per repeat, time with them over time with the old settings
+        result["old_minhash"] = {"settings": OLD_MINHASH, "new_defaults_over_old": {
+            side: {w: [round(n["seconds"] / o["seconds"], 2) for n, o in zip(
+                [r for r in full if r["workers"] == w and r["code"] == side],
+                [r for r in full if r["workers"] == w and r["code"] == f"{side} old-minhash"])] for w in args.workers}
+            for side in trees if not side.endswith("old-minhash")},
+            "output": {side: compare_kept(kept[f"{side} old-minhash"], kept[side])
+                       for side in trees if not side.endswith("old-minhash")}}
     if args.baseline:
         result["baseline"] = {"ref": args.baseline,
                               "commit": subprocess.run(["git", "rev-parse", args.baseline], cwd=ROOT, capture_output=True,
@@ -337,12 +380,21 @@ def markdown(r: dict) -> str:
     for side in sides:
         for k in ws:
             lines.append(f"| {side} | {k} | {r['median_seconds_by_code'][side][k]:.1f} | {r['mb_per_s_per_worker'][side][k]:.2f} | "
-                         f"{r['marginal_mb_per_s_per_worker'][side][k]:.2f} |")
+                         + (f"{r['marginal_mb_per_s_per_worker'][side][k]:.2f} |" if r['marginal_mb_per_s_per_worker'][side][k] else "- |"))
     lines += ["", "The fixed cost (a run of four one-sentence files: process pools, datatrove's per-task logging, the "
               "report) is " + ", ".join(f"{v:.1f} s ({k})" for k, v in r["fixed_seconds"].items()) + "."]
+    if r.get("clean_stage_mb_per_s"):
+        lines += ["", "Clean stage alone (read, rules, quality filters, write; its wall time with one worker less the "
+                  "MinHash signatures fused into it): " + ", ".join(f"{v:.2f} MB/s ({k})" for k, v in r["clean_stage_mb_per_s"].items()) + "."]
     if len(ws) > 1:
-        sp = r["median_seconds"][ws[0]] / r["median_seconds"][ws[-1]]
-        lines += ["", f"Speed-up of {ws[-1]} workers over {ws[0]}: {sp:.2f}x."]
+        lines += ["", f"Speed-up of {ws[-1]} workers over {ws[0]} (median times): "
+                  + ", ".join(f"{v[ws[-1]]:.2f}x ({k})" for k, v in r["workers_speedup"].items()) + "."]
+    if "old_minhash" in r:
+        om = r["old_minhash"]
+        lines += ["", "Cost of the MinHash defaults (character 4-grams, 80x10) over the old settings (word 5-grams, 14x8), "
+                  "time with the defaults / time with the old settings, per repeat: "
+                  + "; ".join(f"{side}: " + ", ".join(f"{w} worker(s) " + "/".join(f"{x:.2f}" for x in v) for w, v in d.items())
+                              for side, d in om["new_defaults_over_old"].items()) + "."]
     if "baseline" in r:
         b = r["baseline"]
         o = b["output"]
@@ -350,13 +402,12 @@ def markdown(r: dict) -> str:
                   + "; ".join(f"{w} worker(s) " + ", ".join(f"{x:.2f}x" for x in v) for w, v in b["speedup"].items())
                   + f". Output: {'the same documents with the same text' if o['same'] else 'differs'} "
                   f"({o['kept_baseline']:,} vs {o['kept_new']:,} documents kept, {o['n_text_differs']} with other text)."]
-    steps_new = r["step_seconds_w1"]
-    steps_old = r.get("baseline", {}).get("step_seconds_w1", {})
-    if steps_new:
+    by = r.get("step_seconds_w1_by_code") or {"new": r["step_seconds_w1"]}
+    if by.get("new"):
         lines += ["", "Time in each step's own work, one worker (median seconds; `report.json` → `timing.steps`):", "",
-                  "| step | seconds |" + (" baseline |" if steps_old else ""), "|---|---:|" + ("---:|" if steps_old else "")]
-        for k, v in steps_new.items():
-            lines.append(f"| {k} | {v:.3f} |" + (f" {steps_old[k]:.3f} |" if k in steps_old else (" - |" if steps_old else "")))
+                  "| step | " + " | ".join(by) + " |", "|---|" + "---:|" * len(by)]
+        for k in by["new"]:
+            lines.append(f"| {k} | " + " | ".join(f"{d[k]:.3f}" if k in d else "-" for d in by.values()) + " |")
     lines += ["", "Share removed by each step (of what reached it):", "", "| step | stage | docs removed | chars removed |",
               "|---|---|---:|---:|"]
     for s in r["steps"]:

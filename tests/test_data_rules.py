@@ -103,6 +103,24 @@ def test_boilerplate_lines(tmp_path):
     assert apply(tmp_path, "boilerplate", text) == "正文内容。\nJavaScript is a programming language."
 
 
+def test_boilerplate_rewrites_only_documents_the_pattern_matches(tmp_path):
+    # the regex runs per line holding a key; a document is still tidied only when the pattern matches it
+    # somewhere, also across a line break ("enable\\nJavaScript"), and left byte for byte otherwise
+    spanning = "Please enable\nJavaScript to view.  \n\n\n\nThe story goes on."
+    assert apply(tmp_path, "boilerplate", spanning) == "Please enable\nJavaScript to view.\n\nThe story goes on."
+    key_no_match = "I ate a cookie.  \n\n\n\nIt was good."
+    assert apply(tmp_path, "boilerplate", key_no_match) == key_no_match
+    in_code = "Text.  \n```\nwe use cookies\n```"  # a match in code: nothing dropped, the rest tidied
+    assert apply(tmp_path, "boilerplate", in_code) == "Text.\n```\nwe use cookies\n```"
+    assert apply(tmp_path, "boilerplate", "Intro.\nWE USE COOKIES here\nEnd.") == "Intro.\nEnd."
+
+
+def test_pii_phone_forms_the_prefilter_must_keep(tmp_path):
+    # every phone/ID match starts with a digit, '+' or '(' (the patterns' lookahead): these all still match
+    text = "打+1 23 45 67，或(555) 123-4567，或 +86-13912345678。id 110101199003071234"
+    assert apply(tmp_path, "pii", text) == "打<PHONE>，或<PHONE>，或 <PHONE>。id <ID>"
+
+
 def test_incomplete_lines_both_languages_and_what_must_stay(tmp_path):
     text = ("Yes.\n好的。\n他说：“好。”\n这是一个没有结尾的标题\nHeading without an end\n"
             "```\nprint('code stays')\n```\n结束」\nWait…\nReally?!\n(See the note.)")
@@ -222,6 +240,9 @@ def test_rjieba_tokens_are_cut_like_jieba():
     # jieba's HMM cuts ASCII runs at symbols but keeps decimals and percentages whole
     assert _as_jieba(["日期", "2008-6-1", "涨了", "1.5", "85%", "2-3"]) == ["日期", "2008", "-", "6", "-", "1", "涨了", "1.5",
                                                                           "85%", "2", "-", "3"]
+    for text in ("北京欢迎你", "AT&T在2008-6-1", "价格1.5倍", "a b", "版本v2.0"):  # the text-level shortcut changes nothing
+        seg = list(text) + [text[1:4]]
+        assert _as_jieba(seg, text) == _as_jieba(seg)
     ws = words("我在2008-06-04买了这本书，价格涨了1.5倍。")
     assert "2008" in ws and "06" in ws and "-" not in ws and "2008-06-04" not in ws
 

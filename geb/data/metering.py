@@ -89,7 +89,7 @@ class MeteredStep(PipelineStep):
             acc.chars_in += len(doc.text)
             t0 = clock()  # our own clock: datatrove's track_time costs more than some rules
             out = self.process(doc)
-            if out is not None and not out.text.strip():
+            if out is not None and (not out.text or out.text.isspace()):  # strip() would copy every text
                 self.removed(doc, "", "empty after cleaning")
                 out = None
             acc.seconds += clock() - t0

@@ -11,7 +11,7 @@ its own executor with a logging folder under out/work/logs/<stage>/ whose comple
 re-run resume where it stopped:
 
   clean            read → rule cleaning → quality filters → out/work/clean/ → MinHash signatures
-  minhash_*        LSH buckets → clusters → filter → out/work/minhash/out/ → paragraph hashes
+  minhash_*        LSH buckets (several per task) → clusters → filter → out/work/minhash/out/ → paragraph hashes
   para_dedup_*     find repeated paragraphs → drop them → out/work/para_dedup/out/ → 3-sentence-span hashes
   sent_dedup_*     find repeated spans → drop them → out/work/sent_dedup/out/
 
@@ -127,8 +127,9 @@ def _add_minhash(stages: list[Stage], prev: Path, mh: dict, hashing, L: Layout, 
     """MinHash near-duplicate removal: signatures (at the end of the previous stage), buckets, clusters,
     then a filter over `prev`; returns the folder the filter writes."""
     from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                                  MinhashDedupFilter, MinhashDedupSignature)
+                                                  MinhashDedupFilter)
 
+    from geb.data.minhash import FastMinhashSignature, GroupedBuckets
     from geb.data.text import BilingualWordTokenizer
 
     cfg = MinhashConfig(n_grams=int(mh["n_grams"]), num_buckets=int(mh["num_buckets"]),
@@ -138,13 +139,13 @@ def _add_minhash(stages: list[Stage], prev: Path, mh: dict, hashing, L: Layout, 
     index_dir = mh["index_dir"] or None
     index_name = (mh["index_name"] or Path(output_dir).resolve().name) if index_dir else None
     out = base / "out"
-    _add_signatures(stages, MinhashDedupSignature(str(base / "sigs"), cfg, language=BilingualWordTokenizer(mh["unit"])),
+    _add_signatures(stages, FastMinhashSignature(str(base / "sigs"), cfg, language=BilingualWordTokenizer(mh["unit"])),
                     "minhash signatures", L)
+    buckets = MinhashDedupBuckets(str(base / "sigs"), str(base / "buckets"), index_folder=index_dir, config=cfg,
+                                  only_dedup_in_index=False, create_index_name=index_name)
     stages += [
-        Stage("minhash_buckets", [_timed(MinhashDedupBuckets(str(base / "sigs"), str(base / "buckets"), index_folder=index_dir,
-                                                             config=cfg, only_dedup_in_index=False,
-                                                             create_index_name=index_name), "minhash buckets", L)],
-              cfg.num_buckets),
+        # several buckets per task: a task's fixed cost is paid `tasks` times, not num_buckets times
+        Stage("minhash_buckets", [_timed(GroupedBuckets(buckets), "minhash buckets", L)], min(cfg.num_buckets, tasks)),
         Stage("minhash_cluster", [_timed(MinhashDedupCluster(str(base / "buckets"), str(base / "remove"), cfg),
                                          "minhash cluster", L)], 1),
         Stage("minhash_filter", [_timed(_reader(prev), "read minhash_filter", L), Meter("minhash", "in", L.stats),

@@ -78,7 +78,9 @@ class GopherQualityFilter(DocFilter):
             ends = sum(1 for ln in lines if ln.rstrip().endswith(("...", "…")))
             if ends / len(lines) > p["max_ellipsis_lines_ratio"]:
                 return "ellipsis lines"
-        if sum(map(bool, map(LETTER_RE.search, us))) / n < p["min_alpha_ratio"]:
+        # a unit of letters only (isalpha: every Latin word and CJK character) has one: the regex only
+        # looks at the rest (numbers, hyphenated or mixed units)
+        if (n - sum(1 for u in us if not u.isalpha() and not LETTER_RE.search(u))) / n < p["min_alpha_ratio"]:
             return "few alphabetic words"
         # a CJK character is always a unit of its own, so the Latin units are the rest
         if n - cjk_count(text) > n / 2:

@@ -142,24 +142,35 @@ def build_report(L, settings: dict, files: list[str], stages, times: dict, elaps
 
 
 def _chart(steps: list[dict], path: Path) -> str | None:
+    """Two horizontal bar panels (documents and characters removed per step) drawn with Pillow.
+
+    Pillow (a requirement of matplotlib, so installed with geb) draws it in a fraction of a second;
+    matplotlib's import and layout took over a second, a fixed cost of every run that no worker shares."""
     if not steps:
         return None
-    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [s["step"] for s in steps][::-1]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(steps) + 1.5))
-    for ax, key, title in ((axes[0], "docs_removed", "documents removed"), (axes[1], "chars_removed", "characters removed")):
-        vals = [s[key] for s in steps][::-1]
-        ax.barh(names, vals, color="#4c72b0")
-        ax.set_title(title)
-        for i, v in enumerate(vals):
-            ax.text(v, i, f" {v:,}", va="center", fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
+    font = ImageFont.load_default()
+    row, top, width = 26, 40, 1100
+    names = [s["step"] for s in steps]
+    img = Image.new("RGB", (width, top + row * len(steps) + 20), "white")
+    draw = ImageDraw.Draw(img)
+    label_w = max(draw.textlength(n, font=font) for n in names) + 12
+    panel = width // 2
+    for p, (key, title) in enumerate((("docs_removed", "documents removed"), ("chars_removed", "characters removed"))):
+        x0 = p * panel + label_w
+        span = panel - label_w - 90  # room after the longest bar for its value
+        vals = [s[key] for s in steps]
+        top_val = max(max(vals), 1)
+        draw.text((p * panel + panel // 2, 12), title, fill="black", font=font, anchor="mt")
+        for i, (name, v) in enumerate(zip(names, vals)):
+            y = top + i * row
+            draw.text((x0 - 6, y + row // 2), name, fill="black", font=font, anchor="rm")
+            end = x0 + max(0, v) / top_val * span
+            draw.rectangle((x0, y + 4, max(x0 + 1, end), y + row - 4), fill="#4c72b0")
+            draw.text((end + 4, y + row // 2), f"{v:,}", fill="black", font=font, anchor="lm")
+        draw.line((x0, top - 4, x0, top + row * len(steps)), fill="black")
+    atomic_write(path, lambda p: img.save(p, format="PNG"))
     return path.name
 
 

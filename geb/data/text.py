@@ -86,7 +86,7 @@ def _segmenter():
     try:
         import rjieba
 
-        return lambda text: _as_jieba(rjieba.cut(text, True))
+        return lambda text: _as_jieba(rjieba.cut(text, True), text)
     except ImportError:
         pass
     import jieba  # it caches its prefix dict in the temp folder
@@ -103,7 +103,14 @@ def _segmenter():
 ASCII_RUN_RE = re.compile(r"[a-zA-Z0-9]+(?:\.\d+)?%?|.", re.S)
 
 
-def _as_jieba(seg: list[str]) -> list[str]:
+# Two adjacent ASCII characters, one not a letter or digit: a text without such a pair has no token
+# _as_jieba would cut (every token is a piece of the text).
+ASCII_PAIR_RE = re.compile(r"[\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f][\x00-\x7f]|[\x00-\x7f][\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]")
+
+
+def _as_jieba(seg: list[str], text: str | None = None) -> list[str]:
+    if text is not None and not ASCII_PAIR_RE.search(text):
+        return seg
     out = []
     for w in seg:
         if w.isascii() and not w.isalnum() and len(w) > 1:
