@@ -173,6 +173,18 @@ def add_train_args(p, stage_defaults: dict, *, epochs: float, unit: str) -> None
     add_threads(p)
 
 
+def start_stage(args, model_what: str) -> tuple[str, dict]:
+    """Threads applied, then (the output folder, run_sft/run_dpo's keyword arguments) from the shared
+    options; `model_what` names the checkpoint --model gives, for the error when neither it nor --resume is."""
+    from geb.errors import GebError
+
+    apply_threads(args)
+    kw = stage_kwargs(args)
+    if not args.resume and not args.model:
+        raise GebError(f"give --model DIR ({model_what}) or --resume DIR")
+    return args.resume or args.out, kw
+
+
 def stage_kwargs(args) -> dict:
     """The keyword arguments run_sft/run_dpo take from the shared options."""
     from geb.errors import GebError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from geb.commands.common import add_train_args, apply_threads, stage_kwargs
+from geb.commands.common import add_train_args, start_stage
 
 
 def configure(p) -> None:
@@ -19,14 +19,9 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from geb.errors import GebError
     from geb.train.dpo import run_dpo
 
-    apply_threads(args)
-    kw = stage_kwargs(args)
-    if not args.resume and not args.model:
-        raise GebError("give --model DIR (the SFT checkpoint) or --resume DIR")
-    out = args.resume or args.out
+    out, kw = start_stage(args, "the SFT checkpoint")
     meta = run_dpo(args.model, args.data, out, val_data=args.val_data, beta=args.beta,
                    label_smoothing=args.label_smoothing, max_len=args.max_len, quiet=args.quiet, **kw)
     last = meta.get("last_train_metrics", {})

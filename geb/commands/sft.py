@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from geb.commands.common import add_train_args, apply_threads, stage_kwargs
+from geb.commands.common import add_train_args, start_stage
 
 def configure(p) -> None:
     p.add_argument("--model", help="the checkpoint folder to fine-tune (a pretrained model)")
@@ -16,14 +16,9 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from geb.errors import GebError
     from geb.train.sft import run_sft
 
-    apply_threads(args)
-    kw = stage_kwargs(args)
-    if not args.resume and not args.model:
-        raise GebError("give --model DIR (the checkpoint to fine-tune) or --resume DIR")
-    out = args.resume or args.out
+    out, kw = start_stage(args, "the checkpoint to fine-tune")
     meta = run_sft(args.model, args.data, out, val_data=args.val_data, seq_len=args.seq_len, pack=not args.no_pack,
                    quiet=args.quiet, **kw)
     rep = meta["data_report"]["train"]

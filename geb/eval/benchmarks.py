@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from geb.common import read_json_object
 from geb.errors import GebError
 
 LETTERS = ("A", "B", "C", "D")
@@ -188,12 +189,7 @@ def _hash_files(files: list[Path]) -> str:
 
 def read_subject_mapping(path: Path) -> dict:
     """C-Eval's `subject_mapping.json` format: {subject: [English name, Chinese name, category]}."""
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GebError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(m, dict):
-        raise GebError(f"{path}: expected an object {{subject: [English, Chinese, category]}}")
+    m = read_json_object(path, "subject mapping")
     for k, v in m.items():
         if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, str) for x in v[:2])
                 and isinstance(v[2], (str, list))):
