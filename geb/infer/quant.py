@@ -72,7 +72,8 @@ class Linear:
     """Base: y = x @ W.T for FP32 x [M, K]; subclasses hold W in their format.
 
     `native` layers (built for geb's decode core) describe their tensors to it with `native_desc()`
-    and run few-row products on its kernels; `_widened(x)` is the prefill path shared by all of them."""
+    and run products on its kernels (int8 and int4 at every row count, FP32 and BF16 at a few rows);
+    `_widened(x)` is the many-row path of the others: weight widened block by block, one GEMM each."""
 
     fmt = ""
     native = False
@@ -455,12 +456,7 @@ class Int4NativeLinear(Linear):
         return torch.stack([q & 15, q >> 4], 2).view(q.shape[0], self.native_in)
 
     def widen_block(self, n0, n1, dtype):
-        if dtype == torch.float32:
-            return self._native_widen(n0, n1, dtype)
-        s, z = self.s[n0:n1].to(dtype), self.z[n0:n1].to(dtype)
-        q = self._codes(n0, n1).view(n1 - n0, -1, 32).to(dtype)
-        w = torch.addcmul((z - 8.0 * s)[..., None], q, s[..., None]).view(n1 - n0, self.native_in)
-        return w[:, : self.in_features]
+        return self._native_widen(n0, n1, dtype)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.widen_block(0, self.out_features, dtype)
