@@ -26,6 +26,8 @@ import random
 import tracemalloc
 from pathlib import Path
 
+from geb.common import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # step label (report.json's timing.steps) → stage of the projection
@@ -113,7 +115,7 @@ def main() -> int:
         "command": "python bench/data_projection.py"
                    + "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("tb", args.tb), ("doc_bytes", args.doc_bytes),
                                                                          ("dup_share", args.dup_share)))}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result, indent=2)
     m = result["minhash"]
     print(f"{args.tb:g} TB: {core_hours:,} core-hours")
     for k, v in per_stage.items():
