@@ -43,7 +43,7 @@ def main() -> None:
     from geb.config import get_preset, pad_vocab
     from geb.eval.benchmarks import load_benchmark
     from geb.eval.mcq import evaluate
-    from geb.infer.weights import quantize_folder
+    from geb.infer.folders import quantize_folder
     from geb.model import GEB
     from geb.tokenizer import Tokenizer
 

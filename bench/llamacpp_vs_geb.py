@@ -81,7 +81,7 @@ def random_tensor(cfg, name: str, shape, seed: int) -> torch.Tensor:
 
 
 def write_random_weights(cfg, path: Path, seed: int) -> None:
-    from geb.infer.weights import Lazy, write_aligned_safetensors
+    from geb.infer.folders import Lazy, write_aligned_safetensors
 
     tensors = {n: Lazy(torch.float32, s, lambda n=n, s=s: random_tensor(cfg, n, s, seed))
                for n, s in tensor_shapes(cfg).items()}
@@ -92,7 +92,7 @@ def write_random_weights(cfg, path: Path, seed: int) -> None:
 
 def write_geb_quantized(cfg, src: Path, fmt: str, out: Path) -> None:
     from geb.infer.runtime import build_runtime
-    from geb.infer.weights import LAYOUT, SafeTensorsMap, write_aligned_safetensors
+    from geb.infer.folders import LAYOUT, SafeTensorsMap, write_aligned_safetensors
 
     st = SafeTensorsMap(src)
     rt = build_runtime(cfg, st.get, fmt, 32, release=st.release)
@@ -117,7 +117,7 @@ def write_gguf(cfg, src: Path, fmt: str, out: Path) -> None:
     import gguf
     from gguf import GGMLQuantizationType as Q
 
-    from geb.infer.weights import SafeTensorsMap
+    from geb.infer.folders import SafeTensorsMap
 
     st = SafeTensorsMap(src)
     main_t = {"fp32": Q.F32, "bf16": Q.BF16, "int8": Q.Q8_0, "int4": Q.Q4_0}[fmt]
@@ -210,7 +210,7 @@ def geb_kernel_path() -> dict:
 def child_geb(args) -> dict:
     from geb.infer.bench import bench_runtime
     from geb.infer.runtime import build_runtime
-    from geb.infer.weights import SafeTensorsMap, read_config, runtime_from_quantized
+    from geb.infer.folders import SafeTensorsMap, read_config, runtime_from_quantized
 
     cfg = get_preset(args.config)
     t0 = time.perf_counter()

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     import llama_cpp
 
     from geb.interop.gguf import export_gguf
-    from geb.infer.weights import load_runtime, quantize_folder
+    from geb.infer.folders import load_runtime, quantize_folder
 
     torch.set_num_threads(a.threads)
     base, tok, meta = load_runtime(a.model, "fp32")

@@ -42,7 +42,7 @@ def random_model(preset: str, fmt: str, workdir: Path) -> Path:
     """A quantized folder of the preset's shape with random weights and a small bilingual tokenizer."""
     from geb.config import get_preset
     from geb.infer.bench import random_runtime
-    from geb.infer.weights import save_quantized
+    from geb.infer.folders import save_quantized
     from geb.tokenizer import Tokenizer
 
     out = workdir / f"{preset}-random-{fmt}"

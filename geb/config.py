@@ -14,7 +14,7 @@ from pathlib import Path
 from geb.common import read_json_object
 from geb.errors import GebError
 
-# The config.json field a quantized folder adds beside the model shape (geb.infer.weights owns its contents).
+# The config.json field a quantized folder adds beside the model shape (geb.infer.folders owns its contents).
 QUANTIZATION = "quantization"
 
 
@@ -121,7 +121,7 @@ class ModelConfig:
     @classmethod
     def load_with_quantization(cls, path: str | Path) -> tuple["ModelConfig", dict | None]:
         """(config, the `quantization` field or None) of a config.json. The field is what `geb quantize`
-        adds (geb.infer.weights writes and validates its contents); a full-precision folder has none."""
+        adds (geb.infer.folders writes and validates its contents); a full-precision folder has none."""
         d = read_json_object(path, "model config")
         q = d.pop(QUANTIZATION, None)
         return cls.from_dict(d, source=str(path)), q

@@ -392,7 +392,7 @@ def stage_quantize(ctx: Context) -> None:
     """Quantize the final model and measure speed and held-out perplexity in each format."""
     from geb import corpus
     from geb.infer.bench import quick_report
-    from geb.infer.weights import quantize_folder
+    from geb.infer.folders import quantize_folder
 
     src = ctx.path("ckpt", "dpo")
     for fmt in ("int8", "int4"):

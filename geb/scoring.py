@@ -3,7 +3,7 @@
 `Scorer` scores on a PyTorch geb model; geb.infer.scoring.RuntimeScorer (the CPU runtime, quantized
 folders) has the same interface. Every perplexity in geb goes through `perplexity_of` with one of them:
 evaluation (geb.eval), the quantization report (geb.infer.bench), the data pipeline's perplexity filter
-(geb.data.lm) and the released-checkpoint layout check (geb.interop.geb_release).
+(geb.data.reference_lm) and the released-checkpoint layout check (geb.interop.geb_release).
 
 Multiple-choice evaluation shares a k-shot prefix computed once into a KV cache and reused by every
 question of a subject; perplexity scores rolling windows; the lm-eval bridge uses both. Pairs are

@@ -179,7 +179,7 @@ def test_repetition(tmp_path):
 
 
 def test_perplexity_ngram_filter(tmp_path):
-    from geb.data.lm import CharNgramLM
+    from geb.data.reference_lm import CharNgramLM
 
     trusted = [ZH, EN, "今天天气很好，我们去公园散步。", "Water boils at one hundred degrees at sea level.",
                "熊猫生活在四川的山里，它们喜欢吃竹子。", "Paris is the capital of France and a big city."] * 5
@@ -228,7 +228,7 @@ def test_cli_rules_and_fit_lm(tmp_path, capsys):
     assert main(["data", "fit-lm", "--input", str(tmp_path / "trusted"), "--output", str(tmp_path / "ref.lm.json.gz"),
                  "--order", "3"]) == 0
     assert "held-out perplexity" in capsys.readouterr().out
-    from geb.data.lm import CharNgramLM
+    from geb.data.reference_lm import CharNgramLM
 
     lm = CharNgramLM.load(tmp_path / "ref.lm.json.gz")
     assert lm.order == 3 and lm.meta["p99_ppl"] >= lm.meta["median_ppl"] > 1

@@ -290,7 +290,7 @@ def test_real_benchmark_smoke(bench, subjects, tiny_model_dir, tmp_path):
 def test_quantized_folders_are_scored_through_the_engine(tmp_path, long_model_dir, loaded):
     from geb.infer.scoring import RuntimeScorer
     from geb.infer.engine import Engine
-    from geb.infer.weights import quantize_folder
+    from geb.infer.folders import quantize_folder
 
     model, tok = loaded
     # the engine path computes the same log-probs as the model path (fp32 runtime)
@@ -361,10 +361,10 @@ def test_prefix_cache_hits_when_the_boundary_tokenizes_differently(tiny_model_di
 def test_the_data_filter_and_the_quantization_report_share_the_scorer(long_model_dir, loaded):
     import math
 
-    from geb.data.lm import GebModelScorer
+    from geb.data.reference_lm import GebModelScorer
     from geb.scoring import perplexity_of
     from geb.infer.bench import perplexity
-    from geb.infer.weights import load_runtime
+    from geb.infer.folders import load_runtime
 
     model, tok = loaded
     text = "北京是中国的首都。The capital of France is Paris. " * 30

@@ -9,7 +9,7 @@ import torch
 
 from geb.infer.engine import Engine
 from geb.infer.sampling import SamplingParams
-from geb.infer.weights import load_runtime, quantize_folder
+from geb.infer.folders import load_runtime, quantize_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from geb.infer.clip import clip_weight, fake_quant
 from geb.infer.quant import make_linear
-from geb.infer.weights import load_runtime, quantize_folder
+from geb.infer.folders import load_runtime, quantize_folder
 
 
 def _outlier_matrix(n=64, k=256, seed=0):

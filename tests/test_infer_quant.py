@@ -15,7 +15,7 @@ from geb.errors import GebError
 from geb.infer.engine import Engine
 from geb.infer.quant import Int4Linear, Int8Linear, make_linear, quantize_int4
 from geb.infer.sampling import SamplingParams
-from geb.infer.weights import load_runtime, quantize_folder
+from geb.infer.folders import load_runtime, quantize_folder
 
 
 def test_int8_and_int4_layers_match_their_dequantized_weights():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def configure(p) -> None:
     from geb.infer.quant import FORMATS
-    from geb.infer.weights import INT4_GROUP_SIZE
+    from geb.infer.folders import INT4_GROUP_SIZE
 
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="model folder (full precision, or quantized: then its own format only)")
@@ -48,7 +48,7 @@ def run(args) -> int:
     spec = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "group_size": args.group_size,
             "reps": args.reps}
     if args.model:
-        from geb.infer.weights import read_config
+        from geb.infer.folders import read_config
         from geb.checkpoint import check_folder
 
         folder = check_folder(args.model)

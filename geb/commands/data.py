@@ -164,7 +164,7 @@ def _fit_lm(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from geb.data.lm import CharNgramLM
+    from geb.data.reference_lm import CharNgramLM
     from geb.data.readers import GebReader, list_inputs
     from geb.data.settings import resolve
     from geb.errors import GebError

@@ -6,7 +6,7 @@ from __future__ import annotations
 def configure(p) -> None:
     from geb.commands.common import add_force, add_threads
     from geb.infer.quant import FORMATS, INT4_GROUPS
-    from geb.infer.weights import INT4_GROUP_SIZE
+    from geb.infer.folders import INT4_GROUP_SIZE
 
     p.add_argument("--model", required=True, help="full-precision model folder")
     p.add_argument("--format", required=True, choices=[f for f in FORMATS if f != "fp32"])
@@ -25,7 +25,7 @@ def run(args) -> int:
 
     from geb.commands.common import apply_threads, claim_output
     from geb.errors import GebError
-    from geb.infer.weights import load_runtime, quantize_folder
+    from geb.infer.folders import load_runtime, quantize_folder
 
     apply_threads(args)
     claim_output(args.out, "model", args.force)

@@ -7,7 +7,7 @@ over spaces, so unspaced Chinese is measured like English. Thresholds follow Gop
 Why not datatrove's GopherQualityFilter/GopherRepetitionFilter/C4QualityFilter: they take one
 language per step and split words with spaCy (or whitespace); a bilingual corpus needs the unit
 choice made per document. The perplexity filter scores with a character n-gram model fit here on a
-trusted sample (lm.py) or with a geb model folder; datatrove's perplexity step needs KenLM models
+trusted sample (reference_lm.py) or with a geb model folder; datatrove's perplexity step needs KenLM models
 downloaded from the Hub.
 """
 
@@ -200,7 +200,7 @@ class PerplexityFilter(DocFilter):
         if not path:
             raise GebError("rule 'perplexity' is on but has no model (set perplexity.path=LM_FILE_OR_MODEL_DIR)")
         if kind == "ngram":
-            from geb.data.lm import CharNgramLM
+            from geb.data.reference_lm import CharNgramLM
 
             self._lm = CharNgramLM.load(path)
             self._score = self._lm.perplexity
@@ -209,7 +209,7 @@ class PerplexityFilter(DocFilter):
         elif kind == "geb":
             if self.p["max_ppl"] == "auto":
                 raise GebError("rule 'perplexity' with kind=geb needs a number for max_ppl")
-            from geb.data.lm import GebModelScorer
+            from geb.data.reference_lm import GebModelScorer
 
             self._score = GebModelScorer(path).perplexity
             self._max = float(self.p["max_ppl"])

@@ -30,7 +30,7 @@ import torch
 
 from geb.config import ModelConfig
 from geb.infer.runtime import Runtime, SlotCache, build_runtime
-from geb.infer.weights import INT4_GROUP_SIZE
+from geb.infer.folders import INT4_GROUP_SIZE
 
 
 def random_runtime(cfg: ModelConfig, fmt: str, group_size: int = INT4_GROUP_SIZE, seed: int = 0) -> Runtime:
@@ -153,7 +153,7 @@ def bench_format(spec: dict) -> dict:
     base_rss = _current_rss_bytes()  # the interpreter and torch, before any weights
     t0 = time.perf_counter()
     if spec.get("model"):
-        from geb.infer.weights import load_runtime
+        from geb.infer.folders import load_runtime
 
         rt, _, _ = load_runtime(spec["model"], spec["format"] if not spec.get("quantized") else None,
                                 spec.get("group_size", INT4_GROUP_SIZE))
@@ -345,7 +345,7 @@ def quick_report(model_dir, formats=("fp32", "bf16", "int8", "int4"), prompt_len
     perplexity?, ppl_vs_fp32?}}, "threads": n}. A few seconds for a 6M-parameter model.
     """
     from geb.cpu import physical_cores
-    from geb.infer.weights import load_runtime
+    from geb.infer.folders import load_runtime
 
     threads = threads or physical_cores()
     out: dict = {"model": str(model_dir), "threads": threads, "formats": {}}

@@ -50,7 +50,7 @@ class Engine:
                     threads: int | None = None, backend: str = "auto") -> "Engine":
         """Load a full-precision folder (converted to `format`, default fp32) or a quantized folder.
         `backend`: 'auto' (geb's native decode core where it was built), 'native' or 'torch'."""
-        from geb.infer.weights import load_runtime
+        from geb.infer.folders import load_runtime
 
         if str(device) != "cpu":
             raise GebError(f"the inference engine runs on CPU (asked for device '{device}')")

@@ -24,7 +24,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +32,7 @@ from geb.common import atomic_write, atomic_write_json
 from geb.config import ModelConfig
 from geb.errors import GebError
 from geb.tokenizer import Tokenizer
-from geb.train.chatdata import LABELS, Data, Pair, check_resumed_data, data_label, load_pairs, load_train_val
+from geb.train.chatdata import LABELS, Data, EpochOrder, Pair, check_resumed_data, data_label, load_pairs, load_train_val
 from geb.train.loop import TrainConfig, resolve_device, resolve_dtype, resume_config, train
 from geb.train.sft import IGNORE, fit_schedule
 
@@ -118,14 +117,7 @@ class DPOTask:
         self.beta, self.ls, self.eval_batches, self.info = beta, label_smoothing, eval_batches, info or {}
         mean_len = sum(len(p.chosen) + len(p.rejected) - 2 for p in pairs) / len(pairs)
         self.tokens_per_batch = round(batch_size * mean_len)
-        self._perm_epoch, self._perm = -1, None
-
-    def _index(self, g: int) -> int:
-        epoch, i = divmod(g, len(self.pairs))
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
-            self._perm_epoch = epoch
-        return int(self._perm[i])
+        self._index = EpochOrder(len(pairs), seed)
 
     def _batch(self, pairs, ref, idx) -> dict:
         b = collate_pairs([pairs[i] for i in idx], self.pad_id)

@@ -19,12 +19,11 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from geb.checkpoint import check_folder, load_model
 from geb.errors import GebError
-from geb.train.chatdata import Data, check_resumed_data, data_label, load_conversations, load_train_val
+from geb.train.chatdata import Data, EpochOrder, check_resumed_data, data_label, load_conversations, load_train_val
 from geb.train.loop import TrainConfig, resume_config, train
 
 IGNORE = -100
@@ -101,14 +100,10 @@ class SFTTask:
         # the loop counts tokens seen from this: real (non-padding) positions of an average row
         self.tokens_per_batch = round(batch_size * sum(len(ids) - 1 for ids, _ in examples) / len(self.rows))
         self.target_tokens = sum(sum(m[1:]) for _, m in examples)
-        self._perm_epoch, self._perm = -1, None
+        self._order = EpochOrder(len(self.rows), seed)
 
     def _row(self, g: int) -> list:
-        epoch, i = divmod(g, len(self.rows))
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
-            self._perm_epoch = epoch
-        return [self.examples[j] for j in self.rows[int(self._perm[i])]]
+        return [self.examples[j] for j in self.rows[self._order(g)]]
 
     def batch(self, index: int, micro: int) -> dict:
         g0 = (index * self.accum + micro) * self.bs
