@@ -58,13 +58,17 @@ def test_loss_and_gradient_match_the_dpo_formula(tokenizer, tiny_cfg, label_smoo
 
     torch.manual_seed(0)
     model = GEB(tiny_cfg)
-    pairs, _, _ = load_pairs(TRAIN[:5], tokenizer, 128)
+    # one long answer: the short sequences pack together into rows as wide as it
+    long = {"prompt": EN_Q[0], "chosen": " ".join(EN_A[:5]), "rejected": ZH_A[0], "lang": "en"}
+    pairs, _, _ = load_pairs(TRAIN[:5] + [long], tokenizer, 128)
     assert len({len(p.chosen) for p in pairs}) > 1  # rows of different lengths: padding is exercised
     ref = torch.randn(len(pairs), 2) * 3 - 40
     beta = 0.3
-    task = DPOTask(pairs, ref, [], torch.zeros(0, 2), batch_size=5, grad_accum=1, seed=0,
+    task = DPOTask(pairs, ref, [], torch.zeros(0, 2), batch_size=6, grad_accum=1, seed=0,
                    pad_id=tokenizer.pad_id, beta=beta, label_smoothing=label_smoothing)
     b = collate_pairs(pairs, tokenizer.pad_id)
+    # some row holds more than one sequence: the block-diagonal packing is what is checked below
+    assert "attn_mask" in b and b["ids"].shape[0] < 2 * len(pairs)
     b["ref"] = ref
     loss, mets = task.loss(model, b)
     loss.backward()

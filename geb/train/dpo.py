@@ -34,7 +34,7 @@ from geb.errors import GebError
 from geb.tokenizer import Tokenizer
 from geb.train.chatdata import LABELS, Data, EpochOrder, Pair, check_resumed_data, data_label, load_pairs, load_train_val
 from geb.train.loop import TrainConfig, resolve_device, resolve_dtype, resume_config, train
-from geb.train.sft import IGNORE, fit_schedule
+from geb.train.sft import IGNORE, collate, fit_schedule, pack_rows
 
 REF_FILE = "reference_logps.pt"
 
@@ -43,10 +43,12 @@ DPO_DEFAULTS = {"lr": 1e-6, "min_lr": 1e-7, "weight_decay": 0.0}
 
 
 # -- the math -------------------------------------------------------------------------------------------
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over positions of log p(target) where target != -100: [N, T, V], [N, T] → [N] (FP32)."""
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor, n: int) -> torch.Tensor:
+    """Per sequence, the sum of log p(target) where target != -100: logits [R, T, V], targets and the
+    sequence index of each position `seq` [R, T] (-1 on padding) → [n] (FP32)."""
     lp = -F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-    return lp.sum(-1)
+    # padding and prompt positions carry target -100, so their lp is 0 whatever bin they land in
+    return lp.new_zeros(n).index_add(0, seq.clamp(min=0).reshape(-1), lp.reshape(-1))
 
 
 def dpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float = 0.1,
@@ -64,26 +66,33 @@ def dpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Ten
 
 # -- batches --------------------------------------------------------------------------------------------
 def collate_pairs(pairs: list[Pair], pad_id: int) -> dict:
-    """B pairs → ids/targets [2B, T] (chosen rows, then rejected rows), right-padded.
+    """B pairs → a batch of their 2B sequences (chosen 0..B-1, then rejected B..2B-1), packed.
 
-    Padding trails each row, so plain causal attention never lets a real token see it.
+    Answers vary in length (the quickstart's pairs fill about 40% of a batch padded to its longest
+    sequence), so the sequences are packed into rows as wide as the longest one, each attending only
+    to itself (sft.collate's block-diagonal mask, positions restarting at 0): the same log-probs as
+    one sequence per row at a fraction of the positions. `seq` [R, T] is the sequence of each
+    position (-1: padding).
     """
     seqs = [(p.chosen, p.chosen_mask) for p in pairs] + [(p.rejected, p.rejected_mask) for p in pairs]
-    width = max(len(s) - 1 for s, _ in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    tgt = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    for r, (s, m) in enumerate(seqs):
-        x = torch.tensor(s, dtype=torch.long)
-        n = len(s) - 1
-        ids[r, :n] = x[:-1]
-        tgt[r, :n] = torch.where(torch.tensor(m[1:], dtype=torch.bool), x[1:], IGNORE)
-    return {"ids": ids, "targets": tgt}
+    lengths = [len(s) - 1 for s, _ in seqs]
+    rows = pack_rows(lengths, max(lengths))
+    b = collate([[seqs[i] for i in row] for row in rows], pad_id)
+    owner = torch.full((len(rows), max(map(len, rows))), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        owner[r, : len(row)] = torch.tensor(row)
+    seg = b.pop("segments")
+    b["seq"] = torch.where(seg >= 0, owner.gather(1, seg.clamp(min=0)), -1)
+    b["pairs"] = len(pairs)
+    return b
 
 
 def policy_logps(model, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    lp = sequence_logps(model(b["ids"]), b["targets"])
-    half = lp.shape[0] // 2
-    return lp[:half], lp[half:]
+    """(chosen, rejected) summed answer log-probs [B] each of a collate_pairs batch under `model`."""
+    logits = model(b["ids"], positions=b["positions"], attn_mask=b.get("attn_mask"))
+    n = b["pairs"]
+    lp = sequence_logps(logits, b["targets"], b["seq"], 2 * n)
+    return lp[:n], lp[n:]
 
 
 @torch.no_grad()
@@ -94,7 +103,7 @@ def compute_logps(model, pairs: list[Pair], batch_size: int, pad_id: int, device
     out = []
     for i in range(0, len(pairs), batch_size):
         b = collate_pairs(pairs[i : i + batch_size], pad_id)
-        b = {k: v.to(device) for k, v in b.items()}
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
             c, r = policy_logps(model, b)
         out.append(torch.stack([c, r], 1).float().cpu())

@@ -59,6 +59,7 @@ def collate(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict:
     Each conversation of n tokens contributes n-1 positions: inputs ids[:-1], targets ids[1:] where
     the mask is set. Positions restart at 0 per conversation. `attn_mask` [B,1,T,T] is block-diagonal
     causal when some row holds more than one conversation, else None (plain causal; padding trails).
+    `segments` [B,T] says which conversation of its row each position belongs to (-1: padding).
     """
     width = max(sum(len(ids) - 1 for ids, _ in row) for row in rows)
     b = len(rows)
@@ -80,7 +81,7 @@ def collate(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict:
             seg_t[r, o : o + n] = d
             o += n
         pos_t[r, o:] = torch.arange(width - o)
-    out = {"ids": ids_t, "targets": tgt_t, "positions": pos_t}
+    out = {"ids": ids_t, "targets": tgt_t, "positions": pos_t, "segments": seg_t}
     if multi:
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         out["attn_mask"] = ((seg_t[:, :, None] == seg_t[:, None, :]) & causal)[:, None]
