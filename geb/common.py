@@ -102,7 +102,8 @@ def _fsync(path: Path) -> None:
 
 # -- destinations and whole folders --------------------------------------------------------------------------------
 KINDS = {"model": "geb model folder", "tokens": "geb token folder", "data": "geb data-run folder",
-         "hf": "geb Hugging Face export folder", "gguf": "GGUF file", "eval": "geb evaluation run folder"}
+         "hf": "geb Hugging Face export folder", "gguf": "GGUF file", "eval": "geb evaluation run folder",
+         "result": "geb result file (JSON)"}
 # what a training run writes into --out before its first checkpoint (a run killed that early)
 _RUN_LOGS = {"metrics.jsonl", "loss.png"}
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)$")
@@ -121,7 +122,10 @@ def artifact_kind(path: str | Path) -> str | None:
     p = Path(path)
     if p.is_file():
         with open(p, "rb") as f:
-            return "gguf" if f.read(4) == b"GGUF" else None
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        # figures a command wrote as one JSON file (`geb eval ppl --out`) carry the geb version
+        return "result" if p.suffix == ".json" and "geb_version" in _json_obj(p) else None
     if not p.is_dir():
         return None
     kind = _json_obj(p / MARKER).get("kind")

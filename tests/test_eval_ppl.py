@@ -129,3 +129,25 @@ def test_bad_input(tmp_path, model_dir, capsys):
     assert got["bytes"] == len("Water boils at 100 degrees.".encode())
     assert got["perplexity"] == pytest.approx(math.exp(got["nll_per_token"]))
     assert got["bits_per_byte"] == pytest.approx(got["nll_per_token"] * got["tokens"] / (got["bytes"] * math.log(2)))
+
+
+def test_out_file_loses_nothing_geb_did_not_write(tmp_path, model_dir, capsys):
+    """`--out FILE`: a file geb did not write is refused (kept whole) unless --force; geb's own result
+    file is replaced; a name that is not .json is refused before any scoring."""
+    from geb.cli import main
+
+    (tmp_path / "ok.txt").write_text("Water boils at 100 degrees.")
+    base = ["eval", "ppl", "--model", str(model_dir), "--data", str(tmp_path / "ok.txt"), "--threads", "1"]
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": "precious"}')
+    assert main(base + ["--out", str(notes)]) != 0
+    assert "not a geb result file" in capsys.readouterr().err and notes.read_text() == '{"mine": "precious"}'
+    assert main(base + ["--out", str(tmp_path / "figures.txt")]) != 0
+    assert ".json" in capsys.readouterr().err and not (tmp_path / "figures.txt").exists()
+    res = tmp_path / "res.json"
+    assert main(base + ["--out", str(res)]) == 0
+    first = json.loads(res.read_text())
+    assert main(base + ["--out", str(res)]) == 0  # geb's own result: replaced
+    assert json.loads(res.read_text())["perplexity"] == first["perplexity"]
+    assert main(base + ["--out", str(notes), "--force"]) == 0
+    assert json.loads(notes.read_text())["perplexity"] == first["perplexity"]

@@ -6,6 +6,7 @@ import json
 import sys
 
 from geb.commands.common import add_force, add_threads, apply_threads, claim_output
+from geb.errors import GebError
 
 
 def configure(p) -> None:
@@ -39,8 +40,9 @@ def configure(p) -> None:
     q.add_argument("--split", default="val", help="token folder split (default val)")
     q.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     q.add_argument("--stride", type=int, default=None, help="window stride (default: the context, disjoint)")
-    q.add_argument("--out", default=None, help="write the figures as JSON here")
+    q.add_argument("--out", default=None, help="write the figures as JSON here (a .json file)")
     add_threads(q)
+    add_force(q)
 
     t = sub.add_parser("toxicity", help="ToxiGen-style %% toxic continuations per target group")
     t.add_argument("--model", required=True)
@@ -107,6 +109,9 @@ def run(args) -> int:
         from geb.eval.ppl import perplexity
 
         apply_threads(args)
+        if args.out is not None and not args.out.endswith(".json"):
+            raise GebError(f"--out {args.out}: the figures are written as JSON; name a .json file")
+        claim_output(args.out, "result", args.force)  # before the scoring, not after it
         r = perplexity(args.model, args.data, split=args.split, max_tokens=args.max_tokens, stride=args.stride,
                        out=args.out)
         print(json.dumps({k: r[k] for k in ("tokens", "bytes", "perplexity", "bits_per_byte", "nll_per_token",
