@@ -202,11 +202,24 @@ def test_stop_strings_and_utf8_in_stream(tiny_cfg, tokenizer):
 
 
 def test_engine_restores_thread_count(tiny_cfg, tokenizer):
+    """Generation (one sequence or a batch) gives the process back its torch thread count: the runtime
+    drops torch to one thread during decode steps, and training after a batched evaluation (the
+    quickstart's SFT and DPO) ran at half speed when that leaked."""
     m = peaky_model(tiny_cfg)
     before = torch.get_num_threads()
-    eng = Engine(m, tokenizer, threads=1)
-    eng.generate("Water", SamplingParams(max_new_tokens=3, temperature=0))
-    assert torch.get_num_threads() == before
+    try:
+        torch.set_num_threads(2)  # anything but the 1 thread decode steps use
+        eng = Engine(m, tokenizer, threads=1)
+        eng.generate("Water", SamplingParams(max_new_tokens=3, temperature=0))
+        assert torch.get_num_threads() == 2
+        eng.generate_batch(["Water", "The sun"], SamplingParams(max_new_tokens=3, temperature=0))
+        assert torch.get_num_threads() == 2
+        be = eng.batch_engine(max_batch=2)
+        be.submit(tokenizer.encode("Water"), SamplingParams(max_new_tokens=3, temperature=0))
+        be.run()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_chunked_prefill_in_the_scheduler_matches_alone(tiny_cfg, tokenizer):

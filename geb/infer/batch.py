@@ -311,9 +311,11 @@ class BatchEngine:
         events.append(Event(r, ids or [], delta, reason))
 
     def run(self) -> None:
-        """Step until every submitted request has finished."""
-        while self.has_work:
-            self.step()
+        """Step until every submitted request has finished, then give the process back its torch
+        thread count (decode steps drop torch to one thread; a caller that trains next needs all)."""
+        with self.rt.threads_scope():
+            while self.has_work:
+                self.step()
 
 
 def mask_padding(logits: torch.Tensor, n: int) -> torch.Tensor:
