@@ -68,11 +68,10 @@ def dpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Ten
 def collate_pairs(pairs: list[Pair], pad_id: int) -> dict:
     """B pairs → a batch of their 2B sequences (chosen 0..B-1, then rejected B..2B-1), packed.
 
-    Answers vary in length (the quickstart's pairs fill about 40% of a batch padded to its longest
-    sequence), so the sequences are packed into rows as wide as the longest one, each attending only
-    to itself (sft.collate's block-diagonal mask, positions restarting at 0): the same log-probs as
-    one sequence per row at a fraction of the positions. `seq` [R, T] is the sequence of each
-    position (-1: padding).
+    Answers vary several-fold in length, so rather than one padded row per sequence the sequences
+    are packed into rows as wide as the longest one, each attending only to itself (sft.collate's
+    block-diagonal mask, positions restarting at 0): the same log-probs as one sequence per row at
+    a fraction of the positions. `seq` [R, T] is the sequence of each position (-1: padding).
     """
     seqs = [(p.chosen, p.chosen_mask) for p in pairs] + [(p.rejected, p.rejected_mask) for p in pairs]
     lengths = [len(s) - 1 for s, _ in seqs]
