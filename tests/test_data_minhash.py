@@ -75,3 +75,33 @@ def test_signatures_and_pairs_equal_datatrove(tmp_path, unit, n, bands, rows, pr
     assert len(ref) == bands and sum(map(len, ref.values())) > 0  # the copies make pairs
     assert _files(tmp_path / "fast" / "buckets") == ref
     assert _files(tmp_path / "heap" / "buckets") == ref
+
+
+@pytest.mark.parametrize("precision", [64, 32])
+def test_native_signature_equals_numpy(precision):
+    """geb's native MinHash kernel (every kernel variant this CPU runs) gives the numpy path's values,
+    for a parameter count that is not a multiple of the kernel's tile of 64 and hashes that use all
+    64 bits (the product wraps; the Mersenne reduction's conditional subtract is exercised)."""
+    import numpy as np
+
+    from geb.infer import native
+
+    if not native.available():
+        pytest.skip(f"native core unavailable: {native.why()}")
+    cfg = MinhashConfig(n_grams=4, num_buckets=14, hashes_per_bucket=8, seed=3,
+                        hash_config=HashConfig(precision=precision, hash_fc="sha1"))
+    step = FastMinhashSignature("/tmp/unused-minhash", cfg, language=BilingualWordTokenizer("chars"))
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True) for n in (1, 7, 300)]
+    cases.append(np.array([0, 2**61 - 1, 2**61, 2**64 - 1], dtype=np.uint64))
+    before = native.isa()
+    try:
+        for variant in native.supported_isas():
+            native.select_isa(variant)
+            for h in cases:
+                want = step.signature(h, native=False)
+                got = step.signature(h, native=True)
+                assert got.dtype == np.uint64 and got.shape == (112,)
+                np.testing.assert_array_equal(got, want, err_msg=f"{variant}, {h.size} hashes")
+    finally:
+        native.select_isa(before)

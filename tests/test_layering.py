@@ -38,7 +38,7 @@ def commands_importers(root: Path = GEB) -> list[str]:
 ABOVE = {
     # the model level: what inference, training and evaluation all stand on
     **{f"geb/{m}.py": ("geb.infer", "geb.serve", "geb.train", "geb.eval", "geb.data", "geb.interop", "geb.quickstart")
-       for m in ("model", "config", "scoring", "tokenizer", "chat_format", "errors", "common", "cpu")},
+       for m in ("model", "config", "scoring", "tokenizer", "chat_format", "errors", "common", "cpu", "corelib")},
     "geb/infer/": ("geb.eval", "geb.serve", "geb.train", "geb.interop", "geb.quickstart"),
     "geb/serve/": ("geb.eval", "geb.train", "geb.interop", "geb.quickstart"),
     "geb/train/": ("geb.infer", "geb.eval", "geb.serve", "geb.interop", "geb.quickstart"),

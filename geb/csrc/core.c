@@ -721,6 +721,15 @@ int geb_dequant(const GebMat *w, int64_t r0, int64_t r1, float *out) {
   return 0;
 }
 
+/* MinHash signature values of one document's shingle hashes (geb/data/minhash.py), on the calling
+ * thread: the data pipeline's parallelism is its worker processes */
+int geb_minhash(const uint64_t *h, int64_t n, const uint64_t *a, const uint64_t *b, int64_t k, uint64_t mask,
+                uint64_t *best) {
+  if (n < 0 || k < 0) return -1;
+  kernels()->minhash(h, n, a, b, k, mask, best);
+  return 0;
+}
+
 /* one activation row's int8 groups, as the quantized products see them (tests) */
 void geb_quant_q8(const float *x, int64_t k, int64_t kp, int8_t *q, float *d, float *sx) {
   kernels()->quant_q8(x, k, kp, q, d, sx);

@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define GEB_ABI_VERSION 1
+#define GEB_ABI_VERSION 2
 
 /* weight kinds (GebMat.kind) */
 enum { GEB_F32 = 0, GEB_BF16 = 1, GEB_Q8 = 2, GEB_Q4 = 3 };
@@ -58,6 +58,10 @@ typedef struct {
   void (*attn)(const float *q, int grp, const float *kc, const float *vc, int64_t t, int64_t dim,
                float scale, float *scores, float *y);
   void (*dequant)(const GebMat *w, int64_t r0, int64_t r1, float *out); /* rows r0..r1 → float [r1-r0, k] */
+  /* MinHash (the data pipeline): best[j] = min(best[j], min over i of r((h[i] * a[j] + b[j]) mod 2^64) & mask),
+   * r = mod 2^61 - 1, as datatrove's get_signature computes it */
+  void (*minhash)(const uint64_t *h, int64_t n, const uint64_t *a, const uint64_t *b, int64_t k, uint64_t mask,
+                  uint64_t *best);
 } GebKernels;
 
 void geb_kernels_generic(GebKernels *k);

@@ -61,22 +61,33 @@ class FastMinhashSignature(MinhashDedupSignature):
         return np.frombuffer(raw, dtype="<u8" if width == 8 else "<u4").astype(np.uint64)
 
     def _scratch(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Two BLOCK x k work arrays, made once per step: allocated per call (1.6 MB each at the
-        defaults), glibc returned them to the OS and faulted them back in at every document, which
-        tripled the time of this step."""
+        """Two BLOCK x k work arrays, made once per step (allocated per call, 1.6 MB each at the
+        defaults, glibc can give them back and fault them in again at every document)."""
         got = getattr(self, "_work", None)
         if got is None or got[0].shape != (BLOCK, k):
             got = self._work = (np.empty((BLOCK, k), dtype=np.uint64), np.empty((BLOCK, k), dtype=np.uint64))
         return got
 
-    def signature(self, hashes: np.ndarray) -> np.ndarray:
-        """min over shingles of ((h * a + b) mod 2^64) mod (2^61 - 1), as datatrove's get_signature (K values)."""
-        a, b = self.parameters
-        a, b = a.reshape(-1), b.reshape(-1)
+    def signature(self, hashes: np.ndarray, native: bool | None = None) -> np.ndarray:
+        """min over shingles of ((h * a + b) mod 2^64) mod (2^61 - 1), as datatrove's get_signature (K values).
+
+        On geb's native core where it is built (`native=None`: when available; False: numpy, True: the
+        core or an error); both give the same values."""
+        a, b = (np.ascontiguousarray(p.reshape(-1), dtype=np.uint64) for p in self.parameters)
         k = a.size
         best = np.full(k, np.iinfo(np.uint64).max, dtype=np.uint64)
-        buf, hi = self._scratch(k)
         mask = np.uint64(self.config.hash_config.max) if self.config.hash_config.precision == 32 else None
+        fn = _core_minhash() if native is not False else None
+        if native and fn is None:
+            from geb import corelib
+
+            raise RuntimeError(f"the native core is unavailable: {corelib.load()[1]}")
+        if fn is not None:
+            h = np.ascontiguousarray(hashes, dtype=np.uint64)
+            full = np.iinfo(np.uint64).max if mask is None else int(mask)
+            fn(h.ctypes.data, h.size, a.ctypes.data, b.ctypes.data, k, full, best.ctypes.data)
+            return best
+        buf, hi = self._scratch(k)
         with np.errstate(over="ignore"):
             for s in range(0, hashes.size, BLOCK):
                 h = hashes[s:s + BLOCK, None]
@@ -137,6 +148,22 @@ class FastMinhashSignature(MinhashDedupSignature):
                 records = records[sort_order(records)]
                 with self.output_folder.open(path, mode="wb") as f:
                     f.write(records.tobytes())
+
+
+def _core_minhash():
+    """geb_minhash from geb's native core (geb/csrc, `minhash` in kernels.inc), or None without it."""
+    import ctypes
+
+    from geb import corelib
+
+    lib, _ = corelib.load()
+    if lib is None:
+        return None
+    fn = lib.geb_minhash
+    if fn.restype is not ctypes.c_int or fn.argtypes is None:
+        p, i64, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
+        corelib.bind(lib, {"geb_minhash": ([p, i64, p, p, i64, u64, p], ctypes.c_int)})
+    return fn
 
 
 def sort_order(records: np.ndarray) -> np.ndarray:

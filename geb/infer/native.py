@@ -9,14 +9,13 @@ AVX-512, AVX-VNNI, AVX2 or portable C). This module describes a `Runtime`'s weig
 
 `GEB_NATIVE=0` turns the core off (geb then runs its PyTorch path); `GEB_ISA=<variant>` forces a
 variant this CPU runs (for tests of every variant, and for comparing them). Where the extension was
-not built (no C compiler at install), `available()` is False and `why()` says so.
+not built (no C compiler at install), `available()` is False and `why()` says so. Loading and those
+switches live in geb/corelib.py (torch-free: the data pipeline uses the core's MinHash kernel too).
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import os
 import threading
 
 import torch
@@ -24,7 +23,6 @@ import torch
 from geb.errors import GebError
 
 F32, BF16, Q8, Q4 = 0, 1, 2, 3
-ABI_VERSION = 1
 MATMUL_MAX_ROWS = 64
 
 
@@ -69,34 +67,19 @@ _SIGNATURES = {
     "geb_quant_q8": ([_P, _I64, _I64, _P, _P, _P], None),
 }
 
-_lock = threading.Lock()
-_state: dict = {}  # "lib": CDLL | None once tried, "why": the reason when None
-
-
 def _load():
-    if os.environ.get("GEB_NATIVE", "1") == "0":
-        return None, "disabled by GEB_NATIVE=0"
-    spec = importlib.util.find_spec("geb._native")
-    if spec is None or not spec.origin:
-        return None, ("the native extension geb._native is not built (install geb with a C compiler present: "
-                      "pip install -e . builds it)")
-    try:
-        lib = ctypes.CDLL(spec.origin)
-        for name, (args, res) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, res
-    except (OSError, AttributeError) as e:
-        return None, f"cannot load {spec.origin}: {e}"
-    if lib.geb_abi_version() != ABI_VERSION:
-        return None, f"{spec.origin} is from another version of geb (rebuild: pip install -e .)"
-    want = os.environ.get("GEB_ISA", "").strip().lower()
-    if want:
-        rc = lib.geb_select_isa(want.encode())
-        if rc != 0:
-            have = lib.geb_isa_supported().decode()
-            what = "is not a kernel variant" if rc == -1 else "needs instructions this CPU lacks"
-            raise GebError(f"GEB_ISA={want} {what}; this CPU runs: {have}")
-    lib.geb_set_threads(max(1, torch.get_num_threads()))
+    from geb import corelib
+
+    lib, why = corelib.load()
+    if lib is None:
+        return None, why
+    if not hasattr(lib, "_decode_bound"):  # once per process: the decode core's functions
+        try:
+            corelib.bind(lib, _SIGNATURES)
+        except AttributeError as e:
+            return None, f"the native extension lacks a function ({e}); rebuild: pip install -e ."
+        lib._decode_bound = True
+        lib.geb_set_threads(max(1, torch.get_num_threads()))
     return lib, ""
 
 
@@ -106,6 +89,10 @@ def lib():
         if "lib" not in _state:
             _state["lib"], _state["why"] = _load()
         return _state["lib"]
+
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": CDLL | None once tried, "why": the reason when None
 
 
 def available() -> bool:
