@@ -69,6 +69,12 @@ def test_loss_and_gradient_match_the_dpo_formula(tokenizer, tiny_cfg, label_smoo
     b = collate_pairs(pairs, tokenizer.pad_id)
     # some row holds more than one sequence: the block-diagonal packing is what is checked below
     assert "attn_mask" in b and b["ids"].shape[0] < 2 * len(pairs)
+    # unpacked (for mask-free attention kernels): one row per sequence, no mask, the same log-probs
+    flat = collate_pairs(pairs, tokenizer.pad_id, pack=False)
+    assert "attn_mask" not in flat and flat["ids"].shape[0] == 2 * len(pairs)
+    with torch.no_grad():
+        for x, y in zip(dpo_mod.policy_logps(model, b), dpo_mod.policy_logps(model, flat)):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
     b["ref"] = ref
     loss, mets = task.loss(model, b)
     loss.backward()

@@ -65,17 +65,18 @@ def dpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Ten
 
 
 # -- batches --------------------------------------------------------------------------------------------
-def collate_pairs(pairs: list[Pair], pad_id: int) -> dict:
+def collate_pairs(pairs: list[Pair], pad_id: int, pack: bool = True) -> dict:
     """B pairs → a batch of their 2B sequences (chosen 0..B-1, then rejected B..2B-1), packed.
 
     Answers vary several-fold in length, so rather than one padded row per sequence the sequences
     are packed into rows as wide as the longest one, each attending only to itself (sft.collate's
     block-diagonal mask, positions restarting at 0): the same log-probs as one sequence per row at
     a fraction of the positions. `seq` [R, T] is the sequence of each position (-1: padding).
+    `pack=False`: one right-padded row per sequence and no mask (kernels that take no mask).
     """
     seqs = [(p.chosen, p.chosen_mask) for p in pairs] + [(p.rejected, p.rejected_mask) for p in pairs]
     lengths = [len(s) - 1 for s, _ in seqs]
-    rows = pack_rows(lengths, max(lengths))
+    rows = pack_rows(lengths, max(lengths), pack)
     b = collate([[seqs[i] for i in row] for row in rows], pad_id)
     owner = torch.full((len(rows), max(map(len, rows))), -1, dtype=torch.long)
     for r, row in enumerate(rows):
@@ -115,7 +116,7 @@ class DPOTask:
 
     def __init__(self, pairs: list[Pair], ref: torch.Tensor, val_pairs: list[Pair], val_ref: torch.Tensor,
                  batch_size: int, grad_accum: int, seed: int, pad_id: int, beta: float = 0.1,
-                 label_smoothing: float = 0.0, eval_batches: int = 8, info: dict | None = None):
+                 label_smoothing: float = 0.0, eval_batches: int = 8, info: dict | None = None, pack: bool = True):
         if beta <= 0:
             raise GebError(f"beta must be positive, got {beta}")
         if not 0 <= label_smoothing < 0.5:
@@ -126,9 +127,10 @@ class DPOTask:
         mean_len = sum(len(p.chosen) + len(p.rejected) - 2 for p in pairs) / len(pairs)
         self.tokens_per_batch = round(batch_size * mean_len)
         self._index = EpochOrder(len(pairs), seed)
+        self.pack = pack
 
     def _batch(self, pairs, ref, idx) -> dict:
-        b = collate_pairs([pairs[i] for i in idx], self.pad_id)
+        b = collate_pairs([pairs[i] for i in idx], self.pad_id, self.pack)
         b["ref"] = ref[idx]
         return b
 
@@ -260,8 +262,9 @@ def run_dpo(model_dir: str | Path | None, data: Data, out_dir: str | Path, *, va
 
     info = {"max_len": max_len, "on_bad": on_bad, "val_fraction": val_fraction, "data": data_label(data),
             "val_data": data_label(val_data)}
+    # packed rows need a block-diagonal mask, which SDPA's flash kernel (--attn sdpa-flash) does not take
     task = DPOTask(pairs, cache["train"], val, cache["val"], c.batch_size, c.grad_accum, c.seed, tok.pad_id,
-                   beta, label_smoothing, c.eval_batches, info)
+                   beta, label_smoothing, c.eval_batches, info, pack=c.attn != "sdpa-flash")
     if not resume:
         steps = None if epochs is None else max(1, math.ceil(epochs * task.steps_per_epoch()))
         c = fit_schedule(c, steps, warmup_ratio, bool(val))
