@@ -20,30 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Union
 
-import numpy as np
-
 from geb.errors import GebError
 from geb.tokenizer import ROLES
 
 Data = Union[str, Path, Iterable[dict]]
 ON_BAD = ("error", "skip")
 LABELS = ("kind", "lang")  # optional record fields that evaluation reports break results down by
-
-
-class EpochOrder:
-    """The g-th item a training run draws from n items: every epoch is a fresh permutation seeded by
-    (seed, epoch), so a resumed run draws exactly what an uninterrupted one would."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self._epoch, self._perm = -1, None
-
-    def __call__(self, g: int) -> int:
-        epoch, i = divmod(g, self.n)
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            self._epoch = epoch
-        return int(self._perm[i])
 
 
 class BadRecord(Exception):

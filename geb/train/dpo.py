@@ -32,8 +32,8 @@ from geb.common import atomic_write, atomic_write_json
 from geb.config import ModelConfig
 from geb.errors import GebError
 from geb.tokenizer import Tokenizer
-from geb.train.chatdata import LABELS, Data, EpochOrder, Pair, check_resumed_data, data_label, load_pairs, load_train_val
-from geb.train.loop import TrainConfig, resolve_device, resolve_dtype, resume_config, train
+from geb.train.chatdata import LABELS, Data, Pair, check_resumed_data, data_label, load_pairs, load_train_val
+from geb.train.loop import EpochOrder, TrainConfig, resolve_device, resolve_dtype, resume_config, train
 from geb.train.sft import IGNORE, collate, fit_schedule, pack_rows
 
 REF_FILE = "reference_logps.pt"

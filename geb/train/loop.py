@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
+import numpy as np
 import torch
 
 from geb.checkpoint import META, TRAIN_STATE, load_train_state
@@ -133,6 +134,22 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class EpochOrder:
+    """The g-th item a training run draws from n items: every epoch is a fresh permutation seeded by
+    (seed, epoch), so a resumed run draws exactly what an uninterrupted one would."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, g: int) -> int:
+        epoch, i = divmod(g, self.n)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return int(self._perm[i])
 
 
 class Task(Protocol):

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geb.checkpoint import load_model, read_meta
+from geb.checkpoint import load_model
 from geb.config import ModelConfig, get_preset, pad_vocab
 from geb.data.tokens import TokenData
 from geb.errors import GebError
 from geb.model import GEB
 from geb.tokenizer import Tokenizer
 from geb.train.dist import recover_folder
-from geb.train.loop import TrainConfig, resume_config, train
+from geb.train.loop import EpochOrder, TrainConfig, resume_config, train
 
 
 class PretrainTask:
@@ -34,14 +34,10 @@ class PretrainTask:
         self.val = data.array("val") if "val" in data.splits() else None
         self.eval_batches = eval_batches
         self.tokens_per_batch = batch_size * seq_len
-        self._perm_epoch, self._perm = -1, None
+        self._order = EpochOrder(self.n_windows, self.seed)
 
     def _window(self, g: int) -> int:
-        epoch, i = divmod(g, self.n_windows)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-            self._perm_epoch = epoch
-        return int(self._perm[i]) * self.seq_len
+        return self._order(g) * self.seq_len
 
     def _rows(self, arr, starts) -> dict:
         x = np.stack([np.asarray(arr[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])

@@ -23,8 +23,8 @@ import torch
 
 from geb.checkpoint import check_folder, load_model
 from geb.errors import GebError
-from geb.train.chatdata import Data, EpochOrder, check_resumed_data, data_label, load_conversations, load_train_val
-from geb.train.loop import TrainConfig, resume_config, train
+from geb.train.chatdata import Data, check_resumed_data, data_label, load_conversations, load_train_val
+from geb.train.loop import EpochOrder, TrainConfig, resume_config, train
 
 IGNORE = -100
 
