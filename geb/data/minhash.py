@@ -20,6 +20,7 @@ pipeline's time. Here, with the same inputs and outputs:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 
@@ -60,14 +61,6 @@ class FastMinhashSignature(MinhashDedupSignature):
         raw = b"".join([sha1(g.encode("utf-8")).digest()[:width] for g in grams])
         return np.frombuffer(raw, dtype="<u8" if width == 8 else "<u4").astype(np.uint64)
 
-    def _scratch(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Two BLOCK x k work arrays, made once per step (allocated per call, 1.6 MB each at the
-        defaults, glibc can give them back and fault them in again at every document)."""
-        got = getattr(self, "_work", None)
-        if got is None or got[0].shape != (BLOCK, k):
-            got = self._work = (np.empty((BLOCK, k), dtype=np.uint64), np.empty((BLOCK, k), dtype=np.uint64))
-        return got
-
     def signature(self, hashes: np.ndarray, native: bool | None = None) -> np.ndarray:
         """min over shingles of ((h * a + b) mod 2^64) mod (2^61 - 1), as datatrove's get_signature (K values).
 
@@ -87,7 +80,8 @@ class FastMinhashSignature(MinhashDedupSignature):
             full = np.iinfo(np.uint64).max if mask is None else int(mask)
             fn(h.ctypes.data, h.size, a.ctypes.data, b.ctypes.data, k, full, best.ctypes.data)
             return best
-        buf, hi = self._scratch(k)
+        buf = np.empty((BLOCK, k), dtype=np.uint64)
+        hi = np.empty((BLOCK, k), dtype=np.uint64)
         with np.errstate(over="ignore"):
             for s in range(0, hashes.size, BLOCK):
                 h = hashes[s:s + BLOCK, None]
@@ -150,6 +144,7 @@ class FastMinhashSignature(MinhashDedupSignature):
                     f.write(records.tobytes())
 
 
+@functools.cache  # called per document: bind once per process (corelib.load caches the library itself)
 def _core_minhash():
     """geb_minhash from geb's native core (geb/csrc, `minhash` in kernels.inc), or None without it."""
     import ctypes
@@ -159,11 +154,9 @@ def _core_minhash():
     lib, _ = corelib.load()
     if lib is None:
         return None
-    fn = lib.geb_minhash
-    if fn.restype is not ctypes.c_int or fn.argtypes is None:
-        p, i64, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
-        corelib.bind(lib, {"geb_minhash": ([p, i64, p, p, i64, u64, p], ctypes.c_int)})
-    return fn
+    p, i64, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
+    corelib.bind(lib, {"geb_minhash": ([p, i64, p, p, i64, u64, p], ctypes.c_int)})
+    return lib.geb_minhash
 
 
 def sort_order(records: np.ndarray) -> np.ndarray:

@@ -67,19 +67,21 @@ _SIGNATURES = {
     "geb_quant_q8": ([_P, _I64, _I64, _P, _P, _P], None),
 }
 
+_lock = threading.Lock()
+_state: dict = {}  # "lib": CDLL | None once tried, "why": the reason when None
+
+
 def _load():
     from geb import corelib
 
     lib, why = corelib.load()
     if lib is None:
         return None, why
-    if not hasattr(lib, "_decode_bound"):  # once per process: the decode core's functions
-        try:
-            corelib.bind(lib, _SIGNATURES)
-        except AttributeError as e:
-            return None, f"the native extension lacks a function ({e}); rebuild: pip install -e ."
-        lib._decode_bound = True
-        lib.geb_set_threads(max(1, torch.get_num_threads()))
+    try:
+        corelib.bind(lib, _SIGNATURES)
+    except AttributeError as e:
+        return None, f"the native extension lacks a function ({e}); rebuild: pip install -e ."
+    lib.geb_set_threads(max(1, torch.get_num_threads()))
     return lib, ""
 
 
@@ -89,10 +91,6 @@ def lib():
         if "lib" not in _state:
             _state["lib"], _state["why"] = _load()
         return _state["lib"]
-
-
-_lock = threading.Lock()
-_state: dict = {}  # "lib": CDLL | None once tried, "why": the reason when None
 
 
 def available() -> bool:
