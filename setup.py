@@ -55,7 +55,7 @@ class BuildNative(build_ext):
 
 
 setup(
-    ext_modules=[Extension("geb._native", sources=[f"{CSRC}/core.c"], depends=DEPENDS,
+    ext_modules=[Extension("geb._native", sources=[f"{CSRC}/core.c", f"{CSRC}/text.c"], depends=DEPENDS,
                            extra_compile_args=BASE, libraries=["m"], optional=True)],
     cmdclass={"build_ext": BuildNative},
 )

@@ -17,7 +17,7 @@ import threading
 
 from geb.errors import GebError
 
-ABI_VERSION = 2  # geb_native.h's GEB_ABI_VERSION: a build from another version of geb is refused
+ABI_VERSION = 3  # geb_native.h's GEB_ABI_VERSION: a build from another version of geb is refused
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": CDLL | None once tried, "why": the reason when None

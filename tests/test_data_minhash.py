@@ -105,3 +105,87 @@ def test_native_signature_equals_numpy(precision):
                 np.testing.assert_array_equal(got, want, err_msg=f"{variant}, {h.size} hashes")
     finally:
         native.select_isa(before)
+
+
+def _messy_texts(seed: int = 11) -> list[str]:
+    """Short and long texts over letters with and without combining marks, full-width forms, digits,
+    punctuation, several kinds of whitespace, CJK (basic and past plane 1) and emoji."""
+    rng = random.Random(seed)
+    alphabet = list("abcXYZ éÅçñ\u0301\u0308\u0345ς Σ 中文字 ，。！ 1,2.3 ４５ \t\n\u2000\u00a0\u3000 ﬁ ǅ 😀 Monday")
+    alphabet += ["\U00020000", "\U0002a6d6", "\U000e0100"]  # CJK extension B, a plane-14 variation selector
+    out = ["", " ", "a", "e\u0301", "  Hello,  World!  ", "2024年1月1日，天气很好。", "\U00020000\u0301x"]
+    out += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(400)]
+    out += ["".join(rng.choice(alphabet) for _ in range(rng.randint(500, 3000))) for _ in range(10)]
+    return out
+
+
+def test_simplify_equals_datatrove():
+    """geb.data.text.simplify gives datatrove's simplify_text output for every normalization config."""
+    from datatrove.utils.text import TextNormConfig, simplify_text
+
+    from geb.data.text import simplify
+
+    configs = [TextNormConfig(), TextNormConfig(lowercase=False, norm_weekdays=True),
+               TextNormConfig(norm_whitespace=False), TextNormConfig(remove_punctuation=False),
+               TextNormConfig(norm_unicode_diacritics=False)]
+    texts = _messy_texts()
+    for cfg in configs:
+        bad = [t for t in texts if simplify(t, cfg) != simplify_text(t, cfg)]
+        assert not bad, (cfg, bad[:3])
+    # the marks really are removed (the test above would pass if neither side removed them)
+    assert simplify("Crème brûlée", TextNormConfig()) == "creme brulee"
+
+
+@pytest.mark.parametrize("unit,n,precision", [("chars", 4, 64), ("words", 5, 64), ("chars", 3, 32), ("chars", 40, 64)])
+def test_native_shingle_hashes_equal_python(unit, n, precision):
+    """The core's shingle hashing (geb/csrc/text.c: distinct windows, SHA-1 heads) gives the set of
+    hashes of the Python path, for texts with repeats, tokens of 1-4 UTF-8 bytes, shingles longer than
+    one SHA-1 block (n=40) and 32-bit hashes; a token holding a space falls back to the Python path."""
+    import numpy as np
+
+    from geb.infer import native
+
+    if not native.available():
+        pytest.skip(f"native core unavailable: {native.why()}")
+    cfg = MinhashConfig(n_grams=n, num_buckets=4, hashes_per_bucket=2, seed=3,
+                        hash_config=HashConfig(precision=precision, hash_fc="sha1"))
+    step = FastMinhashSignature("/tmp/unused-minhash", cfg, language=BilingualWordTokenizer(unit))
+    texts = _messy_texts() + [" ".join(["to be or not to be"] * 50), "啊" * 200]
+    sizes = []
+    for t in texts:
+        want = step.shingle_hashes(t, native=False)
+        got = step.shingle_hashes(t, native=True)
+        assert got.dtype == np.uint64 and got.size == np.unique(got).size  # each distinct shingle once
+        assert set(got.tolist()) == set(want.tolist()), t[:40]
+        sizes.append(got.size)
+    assert max(sizes) > 100 and min(sizes) == 0
+    # a tokenizer whose tokens hold spaces: byte ranges would be wrong, so the Python path answers
+    spaced = FastMinhashSignature("/tmp/unused-minhash", cfg, language=_SpacedPairs())
+    text = "one two three four five six seven eight nine ten eleven twelve " * 10
+    got, want = spaced.shingle_hashes(text, native=True), spaced.shingle_hashes(text, native=False)
+    assert set(got.tolist()) == set(want.tolist()) and got.size > 0
+
+
+class _SpacedPairs(BilingualWordTokenizer):
+    """Tokens of two words with a space inside."""
+
+    def word_tokenize(self, text: str) -> list[str]:
+        w = text.split()
+        return [f"{a} {b}" for a, b in zip(w[::2], w[1::2])]
+
+
+@pytest.mark.parametrize("split_sentences,n", [(False, 1), (True, 3)])
+def test_span_signatures_equal_datatrove(tmp_path, split_sentences, n):
+    """geb.data.dedup.SpanSignature writes datatrove's SentenceDedupSignature files byte for byte."""
+    from datatrove.pipeline.dedup.sentence_dedup import SentDedupConfig, SentenceDedupSignature
+
+    from geb.data.dedup import SpanSignature
+
+    cfg = SentDedupConfig(n_sentences=n, split_sentences=split_sentences,
+                          hash_config=HashConfig(**minhash_hash_config()))
+    texts = _messy_texts()
+    docs = [Document(text="\n".join(texts[i: i + 5]) + "。Crème brûlée! Ｆｕｌｌ.", id=str(i)) for i in range(0, len(texts), 3)]
+    for cls, name in ((SentenceDedupSignature, "dt"), (SpanSignature, "geb")):
+        cls(str(tmp_path / name), config=cfg, language=BilingualWordTokenizer()).run(iter(docs), 0, 1)
+    ref, new = _files(tmp_path / "dt"), _files(tmp_path / "geb")
+    assert ref and sum(map(len, ref.values())) > 0 and ref == new

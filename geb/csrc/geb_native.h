@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define GEB_ABI_VERSION 2
+#define GEB_ABI_VERSION 3
 
 /* weight kinds (GebMat.kind) */
 enum { GEB_F32 = 0, GEB_BF16 = 1, GEB_Q8 = 2, GEB_Q4 = 3 };

@@ -8,7 +8,8 @@ defaults (80 bands x 10 rows: 800 hashes per document, 80 bucket tasks) that was
 pipeline's time. Here, with the same inputs and outputs:
 
 - `FastMinhashSignature`: each distinct shingle is hashed once (the minimum over a set does not
-  depend on repeats), digests are read as one uint64 array, and `(h * a + b) mod (2^61 - 1)` uses
+  depend on repeats), on geb's native core one call per document (geb/csrc/text.c finds the distinct
+  windows of the space-joined tokens and SHA-1s them), and `(h * a + b) mod (2^61 - 1)` uses
   the Mersenne reduction (`(x & p) + (x >> 61)`, one conditional subtract) in blocks that stay in
   cache; records are written a batch of documents at a time per bucket and sorted per bucket as
   datatrove does. The signature files are byte for byte datatrove's (tests/test_data_minhash.py).
@@ -27,7 +28,8 @@ import struct
 import numpy as np
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupSignature
-from datatrove.utils.text import simplify_text
+
+from geb.data.text import simplify
 
 P61 = np.uint64((1 << 61) - 1)  # datatrove's _mersenne_prime
 SHIFT = np.uint64(61)
@@ -46,17 +48,31 @@ class FastMinhashSignature(MinhashDedupSignature):
 
     name = "🎯 MinHash stage 1 (vectorized)"
 
-    def shingle_hashes(self, text: str) -> np.ndarray:
-        """The distinct shingle hashes of text (datatrove's get_shingles, deduplicated, 1-D)."""
+    def shingle_hashes(self, text: str, native: bool | None = None) -> np.ndarray:
+        """The hashes of text's distinct shingles (datatrove's get_shingles, 1-D, in no set order: only
+        their minimum matters). With sha1, on geb's native core where it is built (`native` as for
+        `signature`): one call finds and hashes the distinct windows of the space-joined tokens; else
+        one Python call per distinct shingle."""
         n = self.config.n_grams
-        toks = self.word_tokenizer.word_tokenize(simplify_text(text, self.config.norm_config))
+        toks = self.word_tokenizer.word_tokenize(simplify(text, self.config.norm_config))
         if len(toks) < n:
             return np.empty(0, dtype=np.uint64)
-        grams = set(map(" ".join, zip(*(toks[k:] for k in range(n)))))
         if self.config.hash_config.hash_fc != "sha1":  # other hash functions: datatrove's, one call per shingle
+            grams = set(map(" ".join, zip(*(toks[k:] for k in range(n)))))
             return np.fromiter(map(self._hash_func, grams), dtype=np.uint64, count=len(grams))
-        sha1 = hashlib.sha1
         width = 8 if self.config.hash_config.precision == 64 else 4
+        fn = _core_function("geb_shingle_hashes", native)
+        joined = " ".join(toks)
+        # a shingle is then a byte range of `joined`, unless a token holds a space itself
+        if fn is not None and joined and joined.count(" ") == len(toks) - 1:
+            buf = joined.encode("utf-8")
+            out = np.empty(len(toks) - n + 1, dtype=np.uint64)
+            got = fn(buf, len(buf), n, width, out.ctypes.data, out.size)
+            if got < 0:
+                raise RuntimeError(f"geb_shingle_hashes failed ({got}) on a text of {len(buf)} bytes")
+            return out[:got]
+        grams = set(map(" ".join, zip(*(toks[k:] for k in range(n)))))
+        sha1 = hashlib.sha1
         # sha1_hash64/32: the digest's first 8/4 bytes, little-endian
         raw = b"".join([sha1(g.encode("utf-8")).digest()[:width] for g in grams])
         return np.frombuffer(raw, dtype="<u8" if width == 8 else "<u4").astype(np.uint64)
@@ -70,11 +86,7 @@ class FastMinhashSignature(MinhashDedupSignature):
         k = a.size
         best = np.full(k, np.iinfo(np.uint64).max, dtype=np.uint64)
         mask = np.uint64(self.config.hash_config.max) if self.config.hash_config.precision == 32 else None
-        fn = _core_minhash() if native is not False else None
-        if native and fn is None:
-            from geb import corelib
-
-            raise RuntimeError(f"the native core is unavailable: {corelib.load()[1]}")
+        fn = _core_function("geb_minhash", native)
         if fn is not None:
             h = np.ascontiguousarray(hashes, dtype=np.uint64)
             full = np.iinfo(np.uint64).max if mask is None else int(mask)
@@ -144,19 +156,33 @@ class FastMinhashSignature(MinhashDedupSignature):
                     f.write(records.tobytes())
 
 
+def _core_function(name: str, native: bool | None):
+    """A function of geb's native core, or None where it is not built (`native=None`) or not wanted
+    (`native=False`); `native=True` makes its absence an error."""
+    fn = _core_functions().get(name) if native is not False else None
+    if native and fn is None:
+        from geb import corelib
+
+        raise RuntimeError(f"the native core is unavailable: {corelib.load()[1]}")
+    return fn
+
+
 @functools.cache  # called per document: bind once per process (corelib.load caches the library itself)
-def _core_minhash():
-    """geb_minhash from geb's native core (geb/csrc, `minhash` in kernels.inc), or None without it."""
+def _core_functions() -> dict:
+    """geb_minhash (geb/csrc kernels.inc) and geb_shingle_hashes (geb/csrc/text.c) from geb's native
+    core, or {} without it."""
     import ctypes
 
     from geb import corelib
 
     lib, _ = corelib.load()
     if lib is None:
-        return None
+        return {}
     p, i64, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
-    corelib.bind(lib, {"geb_minhash": ([p, i64, p, p, i64, u64, p], ctypes.c_int)})
-    return lib.geb_minhash
+    sigs = {"geb_minhash": ([p, i64, p, p, i64, u64, p], ctypes.c_int),
+            "geb_shingle_hashes": ([ctypes.c_char_p, i64, i64, i64, p, i64], i64)}
+    corelib.bind(lib, sigs)
+    return {name: getattr(lib, name) for name in sigs}
 
 
 def sort_order(records: np.ndarray) -> np.ndarray:

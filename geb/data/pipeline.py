@@ -159,14 +159,15 @@ def _add_minhash(stages: list[Stage], prev: Path, mh: dict, hashing, L: Layout, 
 def _add_span_dedup(stages: list[Stage], prev: Path, name: str, cfg, L: Layout, tasks: int) -> Path:
     """Paragraph or sentence-span dedup (datatrove's sentence dedup under `cfg`): signatures (at the end
     of the previous stage), a search for duplicates, then a filter over `prev`; returns its output folder."""
-    from datatrove.pipeline.dedup.sentence_dedup import SentenceDedupFilter, SentenceDedupSignature, SentenceFindDedups
+    from datatrove.pipeline.dedup.sentence_dedup import SentenceDedupFilter, SentenceFindDedups
 
+    from geb.data.dedup import SpanSignature
     from geb.data.text import BilingualWordTokenizer
 
     tok = BilingualWordTokenizer()
     base = L.work / name
     out = base / "out"
-    _add_signatures(stages, SentenceDedupSignature(str(base / "sigs"), config=cfg, language=tok), f"{name} signatures", L)
+    _add_signatures(stages, SpanSignature(str(base / "sigs"), config=cfg, language=tok), f"{name} signatures", L)
     stages += [
         Stage(f"{name}_find", [_timed(SentenceFindDedups(str(base / "sigs"), str(base / "dups"), config=cfg),
                                       f"{name} find", L)], 1),
