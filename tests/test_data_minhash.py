@@ -58,9 +58,14 @@ def test_signatures_and_pairs_equal_datatrove(tmp_path, unit, n, bands, rows, pr
             step = cls(str(tmp_path / name / "sigs"), cfg, language=BilingualWordTokenizer(unit))
             out = step.run(iter(docs), r, len(ranks))
             assert out is None or list(out) == []
+    for r, docs in enumerate(ranks):  # signatures spilled to the bucket files, then re-read and sorted
+        step = FastMinhashSignature(str(tmp_path / "spill" / "sigs"), cfg, language=BilingualWordTokenizer(unit))
+        step.max_memory_bytes = 0
+        step.run(iter(docs), r, len(ranks))
     ref, new = _files(tmp_path / "dt" / "sigs"), _files(tmp_path / "fast" / "sigs")
     assert len(ref) == 2 * bands and ref.keys() == new.keys()
     assert all(ref[k] == new[k] for k in ref), [k for k in ref if ref[k] != new[k]][:3]
+    assert _files(tmp_path / "spill" / "sigs") == ref
 
     for b in range(bands):  # datatrove: one task per bucket
         MinhashDedupBuckets(str(tmp_path / "dt" / "sigs"), str(tmp_path / "dt" / "buckets"), config=cfg,

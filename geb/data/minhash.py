@@ -34,7 +34,7 @@ from geb.data.text import simplify
 P61 = np.uint64((1 << 61) - 1)  # datatrove's _mersenne_prime
 SHIFT = np.uint64(61)
 BLOCK = 256  # shingles per block of the N x K product: 256 x 800 x 8 bytes stays in L2
-BATCH = 2048  # documents whose bucket records are written together
+BATCH = 2048  # documents whose signatures are stacked into one block
 
 
 def record_dtype(rows: int, fmt: str, with_doc: bool = True) -> np.dtype:
@@ -110,27 +110,45 @@ class FastMinhashSignature(MinhashDedupSignature):
                 np.minimum(best, x.min(axis=0), out=best)
         return best
 
+    # signatures a task holds before it spills them to its bucket files (then re-read to sort them);
+    # below this every bucket file is written once, already sorted (a file open costs ~0.3 ms here)
+    max_memory_bytes = 256 << 20
+
     def run(self, data, rank: int = 0, world_size: int = 1):
         cfg = self.config
         rows, nb = cfg.hashes_per_bucket, cfg.num_buckets
         fmt = cfg.hash_config.struct_format
         width = struct.calcsize(fmt)
+        dtype = record_dtype(rows, fmt)
+        paths = [f"bucket_{bi:03d}/{rank:05d}.minhash.sig" for bi in range(nb)]
         with self.track_time():
-            files = [self.output_folder.open(f"bucket_{bi:03d}/{rank:05d}.minhash.sig", mode="wb") for bi in range(nb)]
             sigs, idx, n_docs = [], [], 0
+            held: list[tuple[np.ndarray, np.ndarray]] = []  # (signatures [docs, nb, rows], doc indices)
+            files: list = []  # the bucket files, once the held signatures outgrew max_memory_bytes
+
+            def bucket(bi: int, m: np.ndarray, ids: np.ndarray) -> np.ndarray:
+                """Bucket bi's records of a block (datatrove's struct layout, as a structured array)."""
+                rec = np.empty((len(m), rows * width + 4), dtype=np.uint8)
+                rec[:, : rows * width] = np.ascontiguousarray(m[:, bi, :]).view(np.uint8).reshape(len(m), -1)
+                rec[:, rows * width:] = ids.view(np.uint8).reshape(-1, 4)
+                return rec.view(dtype).reshape(-1)
+
+            def spill():
+                if not files:
+                    files.extend(self.output_folder.open(p, mode="wb") for p in paths)
+                for m, ids in held:
+                    for bi, f in enumerate(files):
+                        f.write(bucket(bi, m, ids).tobytes())
+                held.clear()
 
             def flush():
-                if not sigs:
-                    return
-                m = np.stack(sigs).astype("<u8" if fmt == "Q" else "<u4").reshape(len(sigs), nb, rows)
-                ids = np.asarray(idx, dtype="<u4").view(np.uint8).reshape(-1, 4)
-                rec = np.empty((len(sigs), rows * width + 4), dtype=np.uint8)
-                for bi, f in enumerate(files):
-                    rec[:, : rows * width] = np.ascontiguousarray(m[:, bi, :]).view(np.uint8).reshape(len(sigs), -1)
-                    rec[:, rows * width:] = ids
-                    f.write(rec.tobytes())
-                sigs.clear()
-                idx.clear()
+                if sigs:
+                    held.append((np.stack(sigs).astype("<u8" if fmt == "Q" else "<u4").reshape(len(sigs), nb, rows),
+                                 np.asarray(idx, dtype="<u4")))
+                    sigs.clear()
+                    idx.clear()
+                if files or sum(m.nbytes for m, _ in held) > self.max_memory_bytes:
+                    spill()
 
             for doc_idx, doc in enumerate(data or ()):
                 self.stat_update("total")
@@ -142,18 +160,18 @@ class FastMinhashSignature(MinhashDedupSignature):
                     if len(sigs) >= BATCH:
                         flush()
             flush()
-            for f in files:
-                f.close()
-            dtype = record_dtype(rows, fmt)
-            for bi in range(nb):  # sort each bucket's records, as datatrove's step does after writing
-                path = f"bucket_{bi:03d}/{rank:05d}.minhash.sig"
-                with self.output_folder.open(path, mode="rb") as f:
-                    records = np.frombuffer(f.read(), dtype=dtype)
+            for bi, path in enumerate(paths):  # each bucket's records sorted, as datatrove's step leaves them
+                if files:
+                    files[bi].close()
+                    with self.output_folder.open(path, mode="rb") as f:
+                        records = np.frombuffer(f.read(), dtype=dtype)
+                else:
+                    records = (np.concatenate([bucket(bi, m, ids) for m, ids in held]) if held
+                               else np.empty(0, dtype=dtype))
                 if records.size != n_docs:
                     raise ValueError(f"{path}: {records.size} signatures written, {n_docs} expected")
-                records = records[sort_order(records)]
                 with self.output_folder.open(path, mode="wb") as f:
-                    f.write(records.tobytes())
+                    f.write(records[sort_order(records)].tobytes())
 
 
 def _core_function(name: str, native: bool | None):
