@@ -240,6 +240,12 @@ def run_stages(stages: list[Stage], logs: Path, workers: int = 1, quiet: bool = 
 
         with contextlib.suppress(ImportError):
             _segmenter()
+    if workers > 1:  # the same for the signature steps' mark table and native core (each pool of each stage)
+        from geb.data.minhash import _core_functions
+        from geb.data.text import _marks
+
+        _marks()
+        _core_functions()
     for st in stages:
         t0 = time.perf_counter()
         ex = LocalPipelineExecutor(st.pipeline, tasks=st.tasks, workers=max(1, min(workers, st.tasks)),
